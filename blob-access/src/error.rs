@@ -1,0 +1,181 @@
+//! One error type for every backend and decorator: a gRPC status code (so it
+//! crosses `serve` and `grpc` unchanged), a message, and which backend and blob
+//! it concerns, so a failure deep in a tree still says where it happened.
+
+use crate::digest::Digest;
+use std::fmt;
+pub use tonic::Code;
+
+/// The error of every `BlobAccess` call.
+#[derive(Clone, Debug)]
+pub struct Error {
+    code: Code,
+    message: String,
+    backend: Option<String>,
+    digest: Option<Digest>,
+    /// Retry delay suggested by the server (`google.rpc.RetryInfo`), if any.
+    retry_delay: Option<std::time::Duration>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            message: message.into(),
+            backend: None,
+            digest: None,
+            retry_delay: None,
+        }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(Code::NotFound, message)
+    }
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, message)
+    }
+    pub fn data_loss(message: impl Into<String>) -> Self {
+        Self::new(Code::DataLoss, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(Code::Unavailable, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(Code::Internal, message)
+    }
+    pub fn resource_exhausted(message: impl Into<String>) -> Self {
+        Self::new(Code::ResourceExhausted, message)
+    }
+
+    /// Names the backend, unless a deeper one already did.
+    pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
+        self.backend.get_or_insert_with(|| backend.into());
+        self
+    }
+    /// Names the blob, unless already named.
+    pub fn with_digest(mut self, digest: &Digest) -> Self {
+        self.digest.get_or_insert_with(|| digest.clone());
+        self
+    }
+    pub fn with_retry_delay(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
+    }
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.as_ref()
+    }
+    pub fn retry_delay(&self) -> Option<std::time::Duration> {
+        self.retry_delay
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.code == Code::NotFound
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.code)?;
+        if let Some(b) = &self.backend {
+            write!(f, ": backend {b:?}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, ": blob {d}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        use tonic_types::StatusExt;
+        let retry_delay = s.get_details_retry_info().and_then(|r| r.retry_delay);
+        let mut message = s.message().to_string();
+        if message.is_empty() {
+            message = "(no message from server)".into();
+        }
+        // A status synthesised from a transport failure keeps its cause in source().
+        if let Some(src) = std::error::Error::source(&s) {
+            message = format!("{message}: {}", error_chain(src));
+        }
+        Error::new(s.code(), message).with_retry_delay(retry_delay)
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code, e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        let code = match e.kind() {
+            K::NotFound => Code::NotFound,
+            K::PermissionDenied => Code::PermissionDenied,
+            K::InvalidInput | K::InvalidData => Code::InvalidArgument,
+            K::StorageFull | K::OutOfMemory => Code::ResourceExhausted,
+            K::TimedOut => Code::DeadlineExceeded,
+            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => {
+                Code::Unavailable
+            }
+            _ => Code::Internal,
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
+/// `a: b: c` for an error and its sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_keeps_code_and_context() {
+        let d = Digest::of(b"x");
+        let e = Error::not_found("gone")
+            .with_backend("memory")
+            .with_digest(&d);
+        let s: tonic::Status = e.clone().into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("memory") && s.message().contains(d.hash()));
+        let back: Error = s.into();
+        assert_eq!(back.code(), Code::NotFound);
+        assert!(back.to_string().contains("gone"));
+    }
+
+    #[test]
+    fn innermost_backend_wins() {
+        let e = Error::unavailable("x")
+            .with_backend("inner")
+            .with_backend("outer");
+        assert_eq!(e.backend(), Some("inner"));
+    }
+}

@@ -1,0 +1,1 @@
+//! A REAPI client backend (placeholder until the grpc module lands).

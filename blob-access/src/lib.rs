@@ -1,0 +1,107 @@
+//! Read and write the content-addressed blobs of the Remote Execution API
+//! through a tree of composable [`BlobAccess`] implementations.
+//!
+//! A backend (such as [`memory::MemoryBlobAccess`] or [`grpc::GrpcBlobAccess`])
+//! stores blobs; a decorator wraps another `BlobAccess` and changes only the
+//! calls it cares about. Trees are usually built from a config file by the
+//! `blob-access-config` crate.
+//!
+//! ```
+//! use blob_access::{BlobAccess, Digest, ReadRange, memory::MemoryBlobAccess, util};
+//! use bytes::Bytes;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let cas = MemoryBlobAccess::new("memory", 1 << 20);
+//! let digest = Digest::of(b"hello");
+//! cas.put(&digest, util::once(Bytes::from_static(b"hello"))).await.unwrap();
+//! assert!(cas.find_missing(&[digest.clone()]).await.unwrap().is_empty());
+//! let data = util::read_to_bytes(&cas, &digest, ReadRange::FULL, 1024).await.unwrap();
+//! assert_eq!(&data[..], b"hello");
+//! # });
+//! ```
+
+pub mod config_types;
+pub mod digest;
+pub mod error;
+pub mod grpc;
+pub mod memory;
+pub mod node;
+pub mod resource;
+pub mod util;
+pub mod verify;
+
+pub use digest::{Digest, DigestFunction};
+pub use error::{Code, Error, Result};
+pub use node::{BuildContext, BuildNode, NodeMetrics};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+/// Generated REAPI v2 types and stubs.
+pub use bazel_remote_apis::build::bazel::remote::execution::v2 as proto;
+/// Generated `google.bytestream` types and stubs.
+pub use bazel_remote_apis::google::bytestream as bytestream_proto;
+
+/// A stream of blob data. Any `Err` item means the whole transfer failed and
+/// the bytes seen so far must be discarded.
+pub type BlobStream = BoxStream<'static, Result<Bytes>>;
+
+/// Which part of a blob to read: `limit: None` reads to the end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadRange {
+    pub offset: u64,
+    pub limit: Option<u64>,
+}
+
+impl ReadRange {
+    /// The whole blob; the only range whose digest can be verified.
+    pub const FULL: ReadRange = ReadRange {
+        offset: 0,
+        limit: None,
+    };
+
+    pub fn new(offset: u64, limit: Option<u64>) -> Self {
+        ReadRange { offset, limit }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.offset == 0 && self.limit.is_none()
+    }
+
+    /// Number of bytes this range covers in a blob of `size` bytes, or
+    /// OUT_OF_RANGE if it starts past the end.
+    pub fn len_in(&self, size: u64) -> Result<u64> {
+        if self.offset > size {
+            return Err(Error::new(
+                Code::OutOfRange,
+                format!(
+                    "read offset {} is past the blob's {} bytes",
+                    self.offset, size
+                ),
+            ));
+        }
+        let rest = size - self.offset;
+        Ok(self.limit.map_or(rest, |l| l.min(rest)))
+    }
+}
+
+/// Storage of content-addressed blobs.
+///
+/// Implementations are used as `Arc<dyn BlobAccess>` and shared between tasks.
+#[async_trait::async_trait]
+pub trait BlobAccess: Send + Sync + 'static {
+    /// Streams (part of) a blob. Nothing happens until the stream is polled;
+    /// dropping it cancels the transfer. A full read ends successfully only
+    /// after the size and digest were verified; otherwise the last item is an
+    /// error (DATA_LOSS for bad content, NOT_FOUND for a missing blob).
+    fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream;
+
+    /// Stores a blob. The data is verified against `digest` before the blob
+    /// becomes visible; an error item in `data` aborts the write.
+    async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()>;
+
+    /// Returns the digests among `digests` that are not stored.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Appends the counters of this node and of the nodes below it.
+    fn metrics(&self, _out: &mut Vec<NodeMetrics>) {}
+}

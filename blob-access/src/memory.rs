@@ -1,0 +1,242 @@
+//! An in-memory CAS bounded by total size with least-recently-used eviction:
+//! the embedded default of `serve`, a fast tier for tests, and a scratch cache.
+
+use crate::config_types::ByteSize;
+use crate::node::Counters;
+use crate::util::{chunked, CHUNK_SIZE};
+use crate::verify::verify;
+use crate::{
+    BlobAccess, BlobStream, BuildContext, BuildNode, Digest, Error, NodeMetrics, ReadRange, Result,
+};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use lru::LruCache;
+use std::sync::{Arc, Mutex};
+
+/// Config node `memory: {max_size_bytes: 1GiB}`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Total size of the blobs kept; the least recently used are evicted beyond it.
+    pub max_size_bytes: ByteSize,
+}
+
+impl BuildNode for MemoryConfig {
+    fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
+        Ok(Arc::new(MemoryBlobAccess::new(
+            ctx.path(),
+            self.max_size_bytes.bytes(),
+        )))
+    }
+}
+
+struct Store {
+    blobs: LruCache<Digest, Bytes>,
+    size: u64,
+}
+
+/// See the module documentation.
+pub struct MemoryBlobAccess {
+    name: String,
+    max_size: u64,
+    store: Arc<Mutex<Store>>,
+    counters: Counters,
+}
+
+const COUNTERS: &[&str] = &["gets", "puts", "evictions", "bytes_read", "bytes_written"];
+
+impl MemoryBlobAccess {
+    /// `name` identifies this backend in errors and metrics.
+    pub fn new(name: &str, max_size_bytes: u64) -> Self {
+        MemoryBlobAccess {
+            name: if name.is_empty() {
+                "memory".into()
+            } else {
+                name.into()
+            },
+            max_size: max_size_bytes,
+            store: Arc::new(Mutex::new(Store {
+                blobs: LruCache::unbounded(),
+                size: 0,
+            })),
+            counters: Counters::new(COUNTERS),
+        }
+    }
+
+    fn lookup(&self, digest: &Digest) -> Option<Bytes> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.blobs.get(digest).cloned()
+    }
+
+    /// Total bytes currently stored.
+    pub fn size_bytes(&self) -> u64 {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).size
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobAccess for MemoryBlobAccess {
+    fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
+        self.counters.inc("gets");
+        let Some(data) = self.lookup(digest) else {
+            let e = Error::not_found("blob not found")
+                .with_backend(&self.name)
+                .with_digest(digest);
+            return futures::stream::once(async move { Err(e) }).boxed();
+        };
+        let len = match range.len_in(data.len() as u64) {
+            Ok(len) => len,
+            Err(e) => {
+                let e = e.with_backend(&self.name).with_digest(digest);
+                return futures::stream::once(async move { Err(e) }).boxed();
+            }
+        };
+        self.counters.add("bytes_read", len);
+        let start = range.offset as usize;
+        // Stored blobs were verified on put; chunks are zero-copy slices.
+        chunked(data.slice(start..start + len as usize), 4 * CHUNK_SIZE)
+    }
+
+    async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {
+        self.counters.inc("puts");
+        let size = digest.size_bytes();
+        if size > self.max_size {
+            return Err(Error::resource_exhausted(format!(
+                "blob is larger than this memory backend's {} byte limit",
+                self.max_size
+            ))
+            .with_backend(&self.name)
+            .with_digest(digest));
+        }
+        if self.lookup(digest).is_some() {
+            // Already stored; still drain and check the upload so a bad one is reported.
+            let mut s = verify(digest, ReadRange::FULL, &self.name, data);
+            while let Some(c) = s.next().await {
+                c?;
+            }
+            return Ok(());
+        }
+        let mut buf = BytesMut::with_capacity(size as usize);
+        let mut s = verify(digest, ReadRange::FULL, &self.name, data);
+        while let Some(c) = s.next().await {
+            buf.extend_from_slice(&c?);
+        }
+        self.counters.add("bytes_written", size);
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = store.blobs.put(digest.clone(), buf.freeze()) {
+            store.size -= old.len() as u64;
+        }
+        store.size += size;
+        while store.size > self.max_size {
+            match store.blobs.pop_lru() {
+                Some((_, evicted)) => {
+                    store.size -= evicted.len() as u64;
+                    self.counters.inc("evictions");
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        // `get` refreshes recency: a blob a build asks about is likely to be read.
+        Ok(digests
+            .iter()
+            .filter(|d| store.blobs.get(*d).is_none())
+            .cloned()
+            .collect())
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(&self.name, "memory"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::{once, read_to_bytes};
+    use crate::Code;
+
+    async fn put(m: &MemoryBlobAccess, data: &'static [u8]) -> Digest {
+        let d = Digest::of(data);
+        m.put(&d, once(Bytes::from_static(data))).await.unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_missing() {
+        let m = MemoryBlobAccess::new("m", 100);
+        let a = put(&m, b"aaa").await;
+        let b = Digest::of(b"b");
+        assert_eq!(
+            m.find_missing(&[a.clone(), b.clone()]).await.unwrap(),
+            vec![b.clone()]
+        );
+        assert_eq!(
+            &read_to_bytes(&m, &a, ReadRange::FULL, 10).await.unwrap()[..],
+            b"aaa"
+        );
+        let err = read_to_bytes(&m, &b, ReadRange::FULL, 10)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.to_string().contains("\"m\"") && err.to_string().contains(b.hash()));
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_upload_and_keeps_nothing() {
+        let m = MemoryBlobAccess::new("m", 100);
+        let d = Digest::of(b"good");
+        let err = m
+            .put(&d, once(Bytes::from_static(b"evil")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss);
+        assert_eq!(m.find_missing(&[d.clone()]).await.unwrap(), vec![d]);
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used() {
+        let m = MemoryBlobAccess::new("m", 10);
+        let a = put(&m, b"aaaa").await;
+        let b = put(&m, b"bbbb").await;
+        // Touch `a` so that `b` is the least recently used.
+        assert!(m.find_missing(&[a.clone()]).await.unwrap().is_empty());
+        let c = put(&m, b"cccc").await;
+        assert_eq!(m.find_missing(&[a, b.clone(), c]).await.unwrap(), vec![b]);
+        assert!(m.size_bytes() <= 10);
+        let too_big = Digest::of(&[0u8; 11]);
+        let err = m
+            .put(&too_big, once(Bytes::from(vec![0u8; 11])))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn concurrent_puts_and_gets() {
+        let m = Arc::new(MemoryBlobAccess::new("m", 1 << 20));
+        let tasks: Vec<_> = (0..32u8)
+            .map(|i| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let data = Bytes::from(vec![i; 1000 + i as usize]);
+                    let d = Digest::of(&data);
+                    m.put(&d, once(data.clone())).await.unwrap();
+                    assert_eq!(
+                        read_to_bytes(&*m, &d, ReadRange::FULL, 1 << 20)
+                            .await
+                            .unwrap(),
+                        data
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Helpers on top of `BlobAccess`: whole blobs in memory with a size cap, and
+//! blobs to and from files without ever leaving a half-written file behind.
+
+use crate::{BlobAccess, BlobStream, Code, Digest, Error, ReadRange, Result};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Size of the chunks read from files and sent on the wire.
+pub const CHUNK_SIZE: usize = 64 * 1024;
+
+/// A blob stream of one chunk.
+pub fn once(data: Bytes) -> BlobStream {
+    futures::stream::once(async move { Ok(data) }).boxed()
+}
+
+/// A blob stream that yields `data` in chunks of `chunk` bytes without copying.
+pub fn chunked(data: Bytes, chunk: usize) -> BlobStream {
+    let n = data.len().div_ceil(chunk.max(1));
+    futures::stream::iter((0..n).map(move |i| {
+        let end = ((i + 1) * chunk).min(data.len());
+        Ok(data.slice(i * chunk..end))
+    }))
+    .boxed()
+}
+
+/// Reads (part of) a blob into memory, failing with RESOURCE_EXHAUSTED rather
+/// than buffering more than `max_bytes`.
+pub async fn read_to_bytes(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    range: ReadRange,
+    max_bytes: usize,
+) -> Result<Bytes> {
+    let want = range
+        .len_in(digest.size_bytes())
+        .map_err(|e| e.with_digest(digest))?;
+    if want > max_bytes as u64 {
+        return Err(Error::resource_exhausted(format!(
+            "blob of {want} bytes is larger than the {max_bytes} byte limit for reading into memory"
+        ))
+        .with_digest(digest));
+    }
+    let mut buf = BytesMut::with_capacity(want as usize);
+    let mut s = ba.get(digest, range);
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk?;
+        if buf.len() + chunk.len() > max_bytes {
+            return Err(
+                Error::resource_exhausted("stream exceeded the memory limit").with_digest(digest),
+            );
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Streams a blob into `path` atomically: a temp file in the same directory is
+/// written, fsynced and renamed, so `path` holds either nothing new or the whole
+/// verified blob. `progress` is called with each chunk's length.
+pub async fn write_to_file(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    path: &Path,
+    mut progress: impl FnMut(u64) + Send,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let io = |what: &str, e: std::io::Error| -> Error {
+        let code = Error::from(std::io::Error::new(e.kind(), "")).code();
+        Error::new(code, format!("{what} {}: {e}", path.display()))
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".blob-access-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| io("creating a temp file beside", e))?;
+    let (std_file, tmp_path) = tmp.into_parts();
+    let mut file = tokio::fs::File::from_std(std_file);
+    let mut s = ba.get(digest, ReadRange::FULL);
+    // On any error `tmp_path` is dropped, which deletes the temp file.
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk?;
+        file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
+        progress(chunk.len() as u64);
+    }
+    file.sync_all().await.map_err(|e| io("syncing", e))?;
+    drop(file);
+    tmp_path
+        .persist(path)
+        .map_err(|e| io("renaming into place", e.error))?;
+    Ok(())
+}
+
+/// A lazy stream of a file's contents in `CHUNK_SIZE` chunks.
+pub fn file_stream(file: tokio::fs::File) -> BlobStream {
+    futures::stream::try_unfold(file, |mut f| async move {
+        let mut buf = BytesMut::with_capacity(CHUNK_SIZE);
+        while buf.len() < CHUNK_SIZE {
+            let n = f.read_buf(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok::<_, Error>((!buf.is_empty()).then(|| (buf.freeze(), f)))
+    })
+    .boxed()
+}
+
+/// Hashes a file in a streaming fashion and returns its digest.
+pub async fn digest_file(path: &Path) -> Result<Digest> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::from(e).with_context_path(path))?;
+    let mut h = crate::DigestFunction::Sha256.hasher();
+    let mut size = 0u64;
+    let mut s = file_stream(file);
+    while let Some(c) = s.next().await {
+        let c = c.map_err(|e| e.with_context_path(path))?;
+        size += c.len() as u64;
+        h.update(&c);
+    }
+    Digest::new(crate::DigestFunction::Sha256, h.finish_hex(), size)
+        .map_err(|e| Error::new(Code::Internal, e.to_string()))
+}
+
+/// Uploads a file, hashing it first, and returns its digest.
+pub async fn put_file(ba: &dyn BlobAccess, path: &Path) -> Result<Digest> {
+    let digest = digest_file(path).await?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::from(e).with_context_path(path))?;
+    ba.put(&digest, file_stream(file)).await?;
+    Ok(digest)
+}
+
+impl Error {
+    fn with_context_path(self, path: &Path) -> Error {
+        Error::new(
+            self.code(),
+            format!("{}: {}", path.display(), self.message()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryBlobAccess;
+
+    #[tokio::test]
+    async fn write_to_file_is_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = MemoryBlobAccess::new("memory", 1 << 20);
+        let data = Bytes::from(vec![7u8; 200_000]);
+        let d = Digest::of(&data);
+        cas.put(&d, chunked(data.clone(), 1000)).await.unwrap();
+        let out = dir.path().join("out");
+        write_to_file(&cas, &d, &out, |_| {}).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+
+        let missing = Digest::of(b"missing");
+        let out2 = dir.path().join("out2");
+        let err = write_to_file(&cas, &missing, &out2, |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        // Nothing at the target, and no temp file left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn put_file_and_read_back_with_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![1u8; 300_000]).unwrap();
+        let cas = MemoryBlobAccess::new("memory", 1 << 20);
+        let d = put_file(&cas, &p).await.unwrap();
+        assert_eq!(d.size_bytes(), 300_000);
+        let err = read_to_bytes(&cas, &d, ReadRange::FULL, 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        let part = read_to_bytes(&cas, &d, ReadRange::new(10, Some(5)), 1000)
+            .await
+            .unwrap();
+        assert_eq!(&part[..], &[1u8; 5]);
+    }
+}

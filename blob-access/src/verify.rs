@@ -1,0 +1,213 @@
+//! Verification of blob data as it streams: the size in the digest and the hash
+//! are checked on the fly, so no backend can hand a caller a wrong blob, and a
+//! short stream is a truncation rather than a success.
+
+use crate::{BlobStream, Digest, Error, ReadRange, Result};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+/// Wraps `inner` so that it yields exactly the bytes of `range` of `digest`.
+///
+/// For a full read the final chunk is held back until the hash matched, so a
+/// consumer never receives a complete-looking wrong blob. A ranged read can only
+/// be checked for length. Errors name `backend` and the digest.
+pub fn verify(digest: &Digest, range: ReadRange, backend: &str, inner: BlobStream) -> BlobStream {
+    let expected = match range.len_in(digest.size_bytes()) {
+        Ok(n) => n,
+        Err(e) => {
+            let e = e.with_backend(backend).with_digest(digest);
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+    };
+    Verifier {
+        inner,
+        digest: digest.clone(),
+        backend: backend.to_string(),
+        expected,
+        seen: 0,
+        hasher: range.is_full().then(|| digest.function().hasher()),
+        held: None,
+        done: false,
+    }
+    .boxed()
+}
+
+struct Verifier {
+    inner: BlobStream,
+    digest: Digest,
+    backend: String,
+    expected: u64,
+    seen: u64,
+    hasher: Option<crate::digest::Hasher>,
+    /// The last chunk, released only once the stream ended cleanly.
+    held: Option<Bytes>,
+    done: bool,
+}
+
+impl Verifier {
+    fn fail(&mut self, message: String) -> Poll<Option<Result<Bytes>>> {
+        self.done = true;
+        self.held = None;
+        Poll::Ready(Some(Err(Error::data_loss(message)
+            .with_backend(self.backend.clone())
+            .with_digest(&self.digest))))
+    }
+}
+
+impl Stream for Verifier {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let item = ready!(this.inner.poll_next_unpin(cx));
+            match item {
+                Some(Ok(chunk)) if chunk.is_empty() => continue,
+                Some(Ok(chunk)) => {
+                    if this.held.is_some() || this.seen + chunk.len() as u64 > this.expected {
+                        let got = this.seen + chunk.len() as u64;
+                        let expected = this.expected;
+                        return this.fail(format!(
+                            "received at least {got} bytes, {expected} were expected"
+                        ));
+                    }
+                    this.seen += chunk.len() as u64;
+                    if let Some(h) = &mut this.hasher {
+                        h.update(&chunk);
+                    }
+                    if this.seen < this.expected {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    // Complete: check the hash before letting the last bytes out.
+                    if let Some(h) = this.hasher.take() {
+                        let got = h.finish_hex();
+                        if got != this.digest.hash() {
+                            return this.fail(format!(
+                                "content hashes to {got}, not to the requested hash"
+                            ));
+                        }
+                    }
+                    this.held = Some(chunk);
+                }
+                Some(Err(e)) => {
+                    if this.held.is_some() {
+                        // Everything arrived and checked out; a late error
+                        // (e.g. a stream reset after the last message) loses nothing.
+                        tracing::debug!(digest = %this.digest, error = %e, "error after a complete, verified read");
+                        this.done = true;
+                        return Poll::Ready(this.held.take().map(Ok));
+                    }
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e
+                        .with_backend(this.backend.clone())
+                        .with_digest(&this.digest))));
+                }
+                None => {
+                    this.done = true;
+                    if this.seen < this.expected {
+                        let (seen, expected) = (this.seen, this.expected);
+                        return this.fail(format!("stream ended after {seen} of {expected} bytes"));
+                    }
+                    if let Some(h) = this.hasher.take() {
+                        // Only reached for an empty blob: no chunk was ever seen.
+                        let got = h.finish_hex();
+                        if got != this.digest.hash() {
+                            return this.fail(format!(
+                                "content hashes to {got}, not to the requested hash"
+                            ));
+                        }
+                    }
+                    return Poll::Ready(this.held.take().map(Ok));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Code;
+    use futures::stream;
+
+    fn chunks(parts: &[&'static [u8]]) -> BlobStream {
+        let parts: Vec<_> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        stream::iter(parts).boxed()
+    }
+
+    async fn collect(s: BlobStream) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut s = s;
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn passes_correct_data() {
+        let d = Digest::of(b"hello world");
+        let got = collect(verify(
+            &d,
+            ReadRange::FULL,
+            "t",
+            chunks(&[b"hello", b" ", b"world"]),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(got, b"hello world");
+        let empty = Digest::of(b"");
+        assert!(collect(verify(&empty, ReadRange::FULL, "t", chunks(&[])))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn rejects_wrong_short_and_long_data() {
+        let d = Digest::of(b"hello");
+        for parts in [
+            &[&b"hellO"[..]][..],
+            &[b"hell"],
+            &[b"hello", b"!"],
+            &[b"hello!"],
+        ] {
+            let mut s = verify(&d, ReadRange::FULL, "t", chunks(parts));
+            let mut items = Vec::new();
+            while let Some(i) = s.next().await {
+                items.push(i);
+            }
+            let last = items.pop().unwrap();
+            assert_eq!(last.unwrap_err().code(), Code::DataLoss, "{parts:?}");
+            // The wrong blob never appears complete to the caller.
+            let delivered: usize = items.iter().map(|i| i.as_ref().unwrap().len()).sum();
+            assert!(delivered < 5, "{parts:?}");
+        }
+        let empty = Digest::of(b"");
+        let err = collect(verify(&empty, ReadRange::FULL, "t", chunks(&[b"x"])))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss);
+        assert!(err.to_string().contains(empty.hash()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ranged_reads_check_length() {
+        let d = Digest::of(b"hello");
+        let r = ReadRange::new(1, Some(3));
+        assert_eq!(
+            collect(verify(&d, r, "t", chunks(&[b"el", b"l"])))
+                .await
+                .unwrap(),
+            b"ell"
+        );
+        assert!(collect(verify(&d, r, "t", chunks(&[b"el"]))).await.is_err());
+        let past = collect(verify(&d, ReadRange::new(6, None), "t", chunks(&[]))).await;
+        assert_eq!(past.unwrap_err().code(), Code::OutOfRange);
+    }
+}
