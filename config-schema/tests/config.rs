@@ -1,0 +1,146 @@
+//! Config loading, error reporting, the checked-in schema and the examples.
+
+use blob_access_config::{json_schema, load_file, load_str, ConfigError, Format};
+use std::path::{Path, PathBuf};
+
+fn yaml_err(text: &str) -> ConfigError {
+    load_str(text, Format::Yaml, "t.yaml").unwrap_err()
+}
+
+#[test]
+fn yaml_and_json_give_the_same_tree() {
+    let y = load_str("memory: {max_size_bytes: 1GiB}", Format::Yaml, "y").unwrap();
+    let j = load_str(
+        r#"{"memory": {"max_size_bytes": 1073741824}}"#,
+        Format::Json,
+        "j",
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(&y).unwrap(),
+        serde_json::to_value(&j).unwrap()
+    );
+    assert_eq!(y.kind(), "memory");
+}
+
+#[test]
+fn errors_name_path_line_and_column() {
+    let e = yaml_err("memory:\n  max_size_bytes: lots\n");
+    assert_eq!(e.path, "memory.max_size_bytes");
+    assert_eq!((e.line, e.column), (Some(2), Some(19)));
+    assert!(e.message.contains("size in bytes"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("t.yaml:2:19: at memory.max_size_bytes: "),
+        "{e}"
+    );
+
+    let e = yaml_err("memory:\n  max_size_bytes: 1\n  colour: red\n");
+    assert_eq!(e.path, "memory.colour");
+    assert!(e.message.contains("unknown field `colour`"), "{e}");
+    assert_eq!(e.line, Some(3));
+
+    let e = yaml_err("memroy: {max_size_bytes: 1}\n");
+    assert!(
+        e.message.contains("unknown variant `memroy`") && e.message.contains("memory"),
+        "{e}"
+    );
+
+    let e = yaml_err("memory: {}\n");
+    assert!(e.message.contains("missing field `max_size_bytes`"), "{e}");
+
+    let e = load_str(
+        "{\"memory\": {\"max_size_bytes\": -5}}",
+        Format::Json,
+        "t.json",
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "memory.max_size_bytes");
+    assert_eq!(e.line, Some(1));
+
+    let e = load_str("{\"memory\": ", Format::Json, "t.json").unwrap_err();
+    assert!(e.message.contains("EOF"), "{e}");
+}
+
+#[test]
+fn unreadable_file_is_a_clear_error() {
+    let e = load_file(Path::new("/nonexistent/blob-access.yaml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("/nonexistent/blob-access.yaml: cannot read"),
+        "{e}"
+    );
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn checked_in_schema_is_current() {
+    let path = root().join("config-schema/blob-access.schema.json");
+    let current = serde_json::to_string_pretty(&json_schema()).unwrap() + "\n";
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == current,
+        "{} is stale; regenerate it with `BLESS=1 cargo test -p blob-access-config` or `cargo run -- schema > {}`",
+        path.display(),
+        path.display()
+    );
+}
+
+fn example_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_loads_and_matches_the_schema() {
+    let validator = jsonschema::validator_for(&json_schema()).expect("schema compiles");
+    let files = example_files();
+    assert!(!files.is_empty(), "no examples found");
+    for file in files {
+        load_file(&file).unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let value: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", file.display());
+    }
+}
+
+#[test]
+fn schema_rejects_what_the_loader_rejects() {
+    let validator = jsonschema::validator_for(&json_schema()).unwrap();
+    for bad in [
+        r#"{"memory": {"max_size_bytes": "lots"}}"#,
+        r#"{"memory": {"max_size_bytes": 1, "colour": "red"}}"#,
+        r#"{"memroy": {"max_size_bytes": 1}}"#,
+        r#"{"memory": {}}"#,
+    ] {
+        let v: serde_json::Value = serde_json::from_str(bad).unwrap();
+        assert!(!validator.is_valid(&v), "schema accepted {bad}");
+        assert!(
+            load_str(bad, Format::Json, "t").is_err(),
+            "loader accepted {bad}"
+        );
+    }
+}
