@@ -1,1 +1,116 @@
-fn main() {}
+//! `blob-access`: read, write and serve REAPI blobs through a config tree.
+
+mod cmd;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "blob-access", version, about, propagate_version = true)]
+struct Cli {
+    /// More logging (-v: info and transfer summaries, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check config files; prints each error with file, line, column and path in the tree.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the JSON Schema of config files.
+    Schema,
+    /// Upload files; prints HASH/SIZE of each on stdout.
+    Put {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Download a blob to a file (atomically) or to stdout.
+    Get {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// HASH/SIZE
+        digest: String,
+        /// Output file; `-` or absent for stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Print the digests that are not stored, one a line.
+    FindMissing {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// HASH/SIZE...
+        #[arg(required = true)]
+        digests: Vec<String>,
+    },
+    /// Serve a tree as a REAPI CAS (ContentAddressableStorage, ByteStream, Capabilities).
+    Serve {
+        /// Config of the tree to serve; an in-memory CAS when absent.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// `host:port` or `unix:/path`.
+        #[arg(short, long)]
+        listen: String,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blob-access: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ui = progress::Ui::new(cli.quiet);
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Validate { files } => cmd::validate::run(&files),
+            Command::Schema => cmd::validate::schema(),
+            Command::Put { config, files } => cmd::transfer::put(&config, &files, &ui).await,
+            Command::Get {
+                config,
+                digest,
+                output,
+            } => cmd::transfer::get(&config, &digest, output.as_deref(), &ui).await,
+            Command::FindMissing { config, digests } => {
+                cmd::transfer::find_missing(&config, &digests).await
+            }
+            Command::Serve { config, listen } => cmd::serve::run(config.as_deref(), &listen).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("blob-access: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -110,6 +110,11 @@ pub fn load_str(text: &str, format: Format, source: &str) -> Result<Node, Config
             }
         }
     };
+    // serde_yaml_ng prefixes its message with the path, which we print apart.
+    let message = match message.strip_prefix(&format!("{path}: ")) {
+        Some(rest) if !path.is_empty() => rest.to_string(),
+        _ => message,
+    };
     Err(ConfigError {
         source: source.to_string(),
         path,

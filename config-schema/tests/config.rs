@@ -30,6 +30,10 @@ fn errors_name_path_line_and_column() {
     assert_eq!((e.line, e.column), (Some(2), Some(19)));
     assert!(e.message.contains("size in bytes"), "{e}");
     assert!(
+        !e.message.contains("memory.max_size_bytes"),
+        "path printed twice: {e}"
+    );
+    assert!(
         e.to_string()
             .starts_with("t.yaml:2:19: at memory.max_size_bytes: "),
         "{e}"
