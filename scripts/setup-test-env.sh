@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests need: nginx (as a gRPC proxy, run unprivileged per test by
+# scripts/nginx.sh) and BuildGrid 0.4.4 (a real REAPI CAS server, run by scripts/buildgrid.sh)
+# in a Python venv at target/venv. Idempotent: a second run only checks and exits in ~1 s.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."   # everything below is relative to the repo root
+
+VENV=target/venv
+REQS=scripts/requirements-test.txt
+STAMP=$VENV/.requirements-test.sha256   # hash of $REQS the venv was last built from
+
+# --- Debian packages -------------------------------------------------------------------------
+# nginx-light has the grpc_pass and http2 modules. Only touch apt if something is missing.
+if ! command -v nginx >/dev/null 2>&1; then
+    echo "setup-test-env: installing Debian package nginx-light"
+    export DEBIAN_FRONTEND=noninteractive
+    # Stop the package's postinst from starting the system nginx on port 80: tests run their
+    # own nginx instances from scripts/nginx.sh. policy-rc.d exit 101 = "action forbidden".
+    created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+    if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    # Belt and braces: if a system nginx got started anyway (e.g. systemd ignored policy-rc.d),
+    # stop it and keep it from starting at boot.
+    if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+        echo "setup-test-env: stopping the system nginx service the package started"
+        nginx -s quit 2>/dev/null || kill "$(cat /run/nginx.pid)" || true
+    fi
+    command -v systemctl >/dev/null 2>&1 && systemctl disable --now nginx >/dev/null 2>&1 || true
+else
+    echo "setup-test-env: nginx already installed ($(nginx -v 2>&1))"
+fi
+
+# --- Python venv with BuildGrid --------------------------------------------------------------
+# buildgrid 0.4.4 requires Python >= 3.11; prefer $PYTHON, then python3, then python3.11.
+PY=""
+for cand in "${PYTHON:-}" python3 python3.11 /usr/bin/python3; do
+    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 &&
+        "$cand" -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null &&
+        { PY=$cand; break; }
+done
+if [ -z "$PY" ]; then
+    # Debian 12's python3 is 3.11 but ships ensurepip (needed by "python3 -m venv") separately.
+    echo "setup-test-env: installing Debian package python3-venv"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    PY=/usr/bin/python3
+fi
+
+want=$(sha256sum "$REQS" | cut -d' ' -f1)
+# Fast path: the venv was built from this exact requirements file and still imports.
+if [ -x "$VENV/bin/bgd" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
+   "$VENV/bin/python" -c 'import buildgrid, grpc' 2>/dev/null; then
+    echo "setup-test-env: $VENV already has buildgrid ($REQS unchanged)"
+else
+    echo "setup-test-env: creating $VENV with $($PY --version) and installing $REQS"
+    rm -rf "$VENV"   # a half-built or stale venv is cheaper to rebuild than to repair
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-input -r "$REQS"
+    # Smoke checks (each bgd start costs ~1.5 s, so only after an install): fail here rather
+    # than in a test if buildgrid does not import with these pins.
+    "$VENV/bin/bgd" --help >/dev/null
+    "$VENV/bin/bgd" server start --help >/dev/null
+    "$VENV/bin/bgd" cas --help >/dev/null
+    echo "$want" > "$STAMP"
+fi
+
+# Debian's nginx-light has grpc_pass; make sure a differently built nginx does too.
+if nginx -V 2>&1 | grep -q -- --without-http_grpc_module; then
+    echo "setup-test-env: $(command -v nginx) lacks the grpc module" >&2; exit 1
+fi
+echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx))"
