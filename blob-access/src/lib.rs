@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod memory;
 pub mod node;
 pub mod resource;
+pub mod server;
 pub mod util;
 pub mod verify;
 

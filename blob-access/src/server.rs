@@ -1,0 +1,252 @@
+//! A REAPI server (ContentAddressableStorage, ByteStream, Capabilities) in
+//! front of any `Arc<dyn BlobAccess>`, so that unmodified REAPI clients gain
+//! whatever the tree does (retries, caching, logging).
+//!
+//! Every call goes straight to the backend: reads stream from `get` and are
+//! re-chunked (and zstd-compressed on request) on the fly, writes stream into
+//! `put` through a small channel, so memory does not grow with blob size.
+//!
+//! Instance names: by default every instance name is accepted and ignored, which
+//! is what a proxy in front of one tree wants (clients configured for any
+//! instance keep working). [`ServerConfig::instance_name`] restricts the server
+//! to one name; requests for others then fail with INVALID_ARGUMENT.
+//!
+//! ```no_run
+//! use blob_access::{memory::MemoryBlobAccess, server};
+//! use std::sync::Arc;
+//! # async fn run() -> blob_access::Result<()> {
+//! let backend = Arc::new(MemoryBlobAccess::new("memory", 1 << 30));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//! server::serve_tcp(backend, server::ServerConfig::default(), listener, shutdown).await
+//! # }
+//! ```
+
+mod bytestream;
+mod capabilities;
+mod cas;
+mod rechunk;
+mod upload;
+mod zstd_stream;
+
+use crate::{BlobAccess, Error, Result};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::Status;
+
+/// How a server behaves; `ServerConfig::default()` suits most uses.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// `None` (the default) accepts every instance name; `Some(name)` accepts only `name`.
+    pub instance_name: Option<String>,
+    /// Largest sum of blob sizes in one BatchUpdateBlobs/BatchReadBlobs call (advertised).
+    pub max_batch_total_size_bytes: u64,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_size: usize,
+    /// Largest payload of one ByteStream ReadResponse.
+    pub read_chunk_size: usize,
+    /// zstd level for `compressed-blobs/zstd` reads; low levels keep up with the network.
+    pub zstd_level: i32,
+    /// After the shutdown signal, how long running transfers may go on before they
+    /// are ended with UNAVAILABLE.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            instance_name: None,
+            max_batch_total_size_bytes: 4 << 20,
+            max_message_size: 64 << 20,
+            read_chunk_size: 1 << 20,
+            zstd_level: 1,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// HTTP/2 flow-control windows: large enough that one stream can fill a fast
+/// (loopback) link without waiting for WINDOW_UPDATEs.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+/// How long to wait for connections to close after transfers were ended.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What every service shares: the tree, the config and the kill switch that
+/// ends running transfers when the shutdown grace period is over.
+#[derive(Clone)]
+struct Shared {
+    backend: Arc<dyn BlobAccess>,
+    cfg: Arc<ServerConfig>,
+    kill: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn check_instance(&self, name: &str) -> Result<(), Status> {
+        match &self.cfg.instance_name {
+            Some(served) if served != name => Err(Status::invalid_argument(format!(
+                "unknown instance name {name:?}; this server serves {served:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves once running transfers must end (never, for `services()`).
+    fn killed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut kill = self.kill.clone();
+        async move {
+            if kill.wait_for(|k| *k).await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+    }
+}
+
+/// Accepts requests whose digest function is unset or SHA-256, the only one served.
+fn check_digest_function(value: i32) -> Result<(), Status> {
+    match value {
+        0 => Ok(()),
+        v if v == crate::DigestFunction::Sha256.to_proto() => Ok(()),
+        v => Err(Status::invalid_argument(format!(
+            "digest function {v} is not supported; this server only serves SHA256"
+        ))),
+    }
+}
+
+fn status_shutting_down() -> Status {
+    Status::unavailable("server is shutting down; transfer aborted after the grace period")
+}
+
+/// The three services, ready to add to a `tonic` server (e.g. next to others).
+/// Transfers started through these routes are never cut by a shutdown grace period;
+/// [`serve_tcp`] and [`serve_unix`] do that.
+pub fn services(backend: Arc<dyn BlobAccess>, cfg: ServerConfig) -> Routes {
+    let (_never, kill) = watch::channel(false);
+    routes(Shared {
+        backend,
+        cfg: Arc::new(cfg),
+        kill,
+    })
+}
+
+fn routes(shared: Shared) -> Routes {
+    use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
+    use crate::proto::capabilities_server::CapabilitiesServer;
+    use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+    let max = shared.cfg.max_message_size;
+    let cas = ContentAddressableStorageServer::new(cas::Cas(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let bytestream = ByteStreamServer::new(bytestream::ByteStream(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let caps = CapabilitiesServer::new(capabilities::Capabilities(shared));
+    Routes::new(cas).add_service(bytestream).add_service(caps)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, lets
+/// running transfers finish for up to `cfg.shutdown_grace`, ends the rest with
+/// UNAVAILABLE and returns.
+pub async fn serve_tcp(
+    backend: Arc<dyn BlobAccess>,
+    cfg: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve_incoming(backend, cfg, incoming, shutdown).await
+}
+
+/// Like [`serve_tcp`], on a Unix domain socket created at `path`. A stale socket
+/// file (nobody listening) is replaced; the socket file is removed on return.
+pub async fn serve_unix(
+    backend: Arc<dyn BlobAccess>,
+    cfg: ServerConfig,
+    path: impl AsRef<Path>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let path = path.as_ref();
+    let listener = bind_unix(path).await?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let result = serve_incoming(backend, cfg, incoming, shutdown).await;
+    let _ = std::fs::remove_file(path);
+    result
+}
+
+async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    let context = |e: std::io::Error| {
+        let code = Error::from(std::io::Error::new(e.kind(), "")).code();
+        Error::new(code, format!("listening on unix:{}: {e}", path.display()))
+    };
+    match tokio::net::UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(context(e));
+            }
+            // Left behind by a server that died: nobody answers on it.
+            std::fs::remove_file(path).map_err(context)?;
+            tokio::net::UnixListener::bind(path).map_err(context)
+        }
+        other => other.map_err(context),
+    }
+}
+
+async fn serve_incoming<I, IO, IE>(
+    backend: Arc<dyn BlobAccess>,
+    cfg: ServerConfig,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: futures::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let grace = cfg.shutdown_grace;
+    let (kill_tx, kill) = watch::channel(false);
+    let shared = Shared {
+        backend,
+        cfg: Arc::new(cfg),
+        kill,
+    };
+    let (draining_tx, draining) = oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, running transfers may finish");
+        let _ = draining_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_routes(routes(shared))
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    let transport = |e: tonic::transport::Error| {
+        Error::unavailable(format!("serving: {}", crate::error::error_chain(&e)))
+    };
+    tokio::select! {
+        biased;
+        r = &mut server => return r.map_err(transport),
+        _ = draining => {}
+    }
+    if let Ok(r) = tokio::time::timeout(grace, &mut server).await {
+        return r.map_err(transport);
+    }
+    tracing::warn!(
+        ?grace,
+        "transfers still running after the grace period; ending them"
+    );
+    let _ = kill_tx.send(true);
+    match tokio::time::timeout(KILL_WAIT, &mut server).await {
+        Ok(r) => r.map_err(transport),
+        Err(_) => {
+            tracing::warn!("connections still open; returning anyway");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! ByteStream Read and Write, streamed through the backend: a read is the
+//! backend's `get` re-chunked (and compressed for `compressed-blobs/zstd`), a
+//! write is fed into `put` as it arrives (see `upload`).
+//! Dropping a read (the client cancelled) drops the backend stream with it.
+
+use super::rechunk::rechunk;
+use super::upload::{early_committed_size, upload};
+use super::zstd_stream;
+use super::{status_shutting_down, Shared};
+use crate::bytestream_proto::byte_stream_server;
+use crate::bytestream_proto::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use crate::resource::{Compressor, ReadResource, WriteResource};
+use crate::{BlobStream, Digest, ReadRange};
+use futures::stream::BoxStream;
+use futures::{Future, StreamExt};
+use std::pin::Pin;
+use tonic::{Request, Response, Status, Streaming};
+
+type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
+
+pub(super) struct ByteStream(pub(super) Shared);
+
+pub(super) fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The backend range of a read, checked the way REAPI asks.
+fn read_range(req: &ReadRequest, res: &ReadResource) -> Result<ReadRange, Status> {
+    if req.read_offset < 0 || req.read_limit < 0 {
+        return Err(invalid(format!(
+            "read_offset ({}) and read_limit ({}) must not be negative",
+            req.read_offset, req.read_limit
+        )));
+    }
+    if res.compressor == Compressor::Zstd && req.read_limit != 0 {
+        return Err(invalid("read_limit must be 0 for compressed-blobs reads"));
+    }
+    let (offset, size) = (req.read_offset as u64, res.digest.size_bytes());
+    if offset > size {
+        return Err(Status::out_of_range(format!(
+            "read_offset {offset} is past the end of blob {} ({size} bytes)",
+            res.digest
+        )));
+    }
+    // A limit reaching the end is a full read, which backends verify.
+    let limit = req.read_limit as u64;
+    Ok(ReadRange::new(
+        offset,
+        (limit > 0 && limit < size - offset).then_some(limit),
+    ))
+}
+
+/// Ends `messages` with UNAVAILABLE once `killed` resolves.
+fn until_killed(
+    messages: ReadStream,
+    killed: impl Future<Output = ()> + Send + 'static,
+) -> ReadStream {
+    let killed: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(killed);
+    futures::stream::unfold(Some((messages, killed)), |state| async move {
+        let (mut messages, mut killed) = state?;
+        tokio::select! {
+            biased;
+            item = messages.next() => item.map(|i| (i, Some((messages, killed)))),
+            () = &mut killed => Some((Err(status_shutting_down()), None)),
+        }
+    })
+    .boxed()
+}
+
+impl ByteStream {
+    async fn exists(&self, digest: &Digest) -> bool {
+        match self
+            .0
+            .backend
+            .find_missing(std::slice::from_ref(digest))
+            .await
+        {
+            Ok(missing) => missing.is_empty(),
+            Err(e) => {
+                tracing::debug!(error = %e, "existence check before an upload failed");
+                false
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl byte_stream_server::ByteStream for ByteStream {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let req = request.into_inner();
+        let res = ReadResource::parse(&req.resource_name).map_err(invalid)?;
+        self.0.check_instance(&res.instance_name)?;
+        let range = read_range(&req, &res)?;
+        tracing::debug!(resource = %req.resource_name, ?range, "read");
+        let mut data = self.0.backend.get(&res.digest, range).peekable();
+        // A missing blob (or an unreachable backend) fails the call itself
+        // rather than a response stream that already began.
+        tokio::select! {
+            first = Pin::new(&mut data).peek() => {
+                if let Some(Err(e)) = first {
+                    return Err(e.clone().into());
+                }
+            }
+            () = self.0.killed() => return Err(status_shutting_down()),
+        }
+        let mut data: BlobStream = data.boxed();
+        if res.compressor == Compressor::Zstd {
+            data = zstd_stream::compress(data, self.0.cfg.zstd_level);
+        }
+        let digest = res.digest.clone();
+        let messages = rechunk(data, self.0.cfg.read_chunk_size).map(move |r| match r {
+            Ok(b) => Ok(ReadResponse { data: Vec::from(b) }),
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "read failed in the middle");
+                Err(e.into())
+            }
+        });
+        Ok(Response::new(until_killed(
+            messages.boxed(),
+            self.0.killed(),
+        )))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| invalid("the write stream had no message"))?;
+        let res = WriteResource::parse(&first.resource_name).map_err(invalid)?;
+        self.0.check_instance(&res.instance_name)?;
+        tracing::debug!(resource = %first.resource_name, "write");
+        // Uploading what is stored already would only cost time.
+        if self.exists(&res.digest).await {
+            let committed_size = early_committed_size(&res);
+            return Ok(Response::new(WriteResponse { committed_size }));
+        }
+        if first.write_offset != 0 {
+            return Err(invalid(format!(
+                "write_offset {} at the start of a write: partial uploads are not kept, start at 0",
+                first.write_offset
+            )));
+        }
+        let killed = self.0.killed();
+        tokio::select! {
+            r = upload(&*self.0.backend, first, stream, &res) => {
+                let committed_size = r.inspect_err(|s| tracing::debug!(digest = %res.digest, error = %s, "write failed"))?;
+                Ok(Response::new(WriteResponse { committed_size }))
+            }
+            () = killed => Err(status_shutting_down()),
+        }
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let res = WriteResource::parse(&request.get_ref().resource_name).map_err(invalid)?;
+        self.0.check_instance(&res.instance_name)?;
+        // Partial uploads are not kept: an upload is either complete (the blob is
+        // stored) or has to start again at 0.
+        let missing = self
+            .0
+            .backend
+            .find_missing(std::slice::from_ref(&res.digest))
+            .await?;
+        let complete = missing.is_empty();
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: if complete {
+                early_committed_size(&res)
+            } else {
+                0
+            },
+            complete,
+        }))
+    }
+}
