@@ -1,8 +1,54 @@
-//! `serve`: a REAPI CAS in front of any tree (placeholder until the server lands).
+//! `serve`: a REAPI CAS in front of any tree, so unmodified build clients gain
+//! what the tree does (resuming reads, caching, logging) without a code change.
 
+use blob_access::server::{self, ServerConfig};
+use blob_access::{BlobAccess, BuildContext, BuildNode};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-pub async fn run(_config: Option<&Path>, _listen: &str) -> Result<ExitCode, String> {
-    Err("serve is not implemented yet".into())
+/// The tree served when no `--config` is given.
+const EMBEDDED_DEFAULT: &str = include_str!("../../examples/memory.yaml");
+
+pub async fn run(config: Option<&Path>, listen: &str) -> Result<ExitCode, String> {
+    let backend: Arc<dyn BlobAccess> = match config {
+        Some(path) => super::open(path)?,
+        None => blob_access_config::load_str(
+            EMBEDDED_DEFAULT,
+            blob_access_config::Format::Yaml,
+            "embedded default",
+        )
+        .map_err(|e| e.to_string())?
+        .build(&BuildContext::root())
+        .map_err(|e| e.to_string())?,
+    };
+    let cfg = ServerConfig::default();
+    let result = if let Some(path) = listen.strip_prefix("unix:") {
+        tracing::info!("serving on unix:{path}");
+        eprintln!("blob-access: serving REAPI CAS on unix:{path}");
+        server::serve_unix(backend, cfg, path, shutdown_signal()).await
+    } else {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!("blob-access: serving REAPI CAS on {addr}");
+        server::serve_tcp(backend, cfg, listener, shutdown_signal()).await
+    };
+    result.map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    eprintln!("blob-access: shutting down, letting running transfers finish");
 }
