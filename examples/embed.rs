@@ -6,7 +6,7 @@
 //! cargo run --example embed -- examples/ci.yaml   # any config file
 //! ```
 
-use blob_access::{util, BlobAccess, BuildContext, BuildNode, Digest, ReadRange};
+use blob_access::{util, BuildContext, BuildNode, Digest, ReadRange};
 use bytes::Bytes;
 use std::path::PathBuf;
 

@@ -111,6 +111,8 @@ impl<'de> serde::Deserialize<'de> for Node {
 nodes! {
     /// An in-memory CAS bounded by size, evicting the least recently used blobs.
     "memory" => Memory(blob_access::memory::MemoryConfig),
+    /// A remote REAPI CAS; a stream cut in the middle fails the read.
+    "grpc" => Grpc(blob_access::grpc::GrpcConfig),
 }
 
 /// Loads a config file and builds its tree.

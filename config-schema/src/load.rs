@@ -111,8 +111,9 @@ pub fn load_str(text: &str, format: Format, source: &str) -> Result<Node, Config
         }
     };
     // serde_yaml_ng prefixes its message with the path, which we print apart.
-    let message = match message.strip_prefix(&format!("{path}: ")) {
-        Some(rest) if !path.is_empty() => rest.to_string(),
+    // (or that of the node holding the offending field).
+    let message = match message.split_once(": ") {
+        Some((head, rest)) if !head.is_empty() && path.starts_with(head) => rest.to_string(),
         _ => message,
     };
     Err(ConfigError {

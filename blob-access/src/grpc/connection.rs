@@ -1,0 +1,240 @@
+//! One lazily connected channel to a REAPI server, shared by every node built
+//! on the same `grpc` settings, with the server's capabilities learnt once.
+
+use super::config::{Compression, GrpcConfig};
+use crate::bytestream_proto::byte_stream_client::ByteStreamClient;
+use crate::proto::capabilities_client::CapabilitiesClient;
+use crate::proto::content_addressable_storage_client::ContentAddressableStorageClient;
+use crate::proto::{compressor, GetCapabilitiesRequest};
+use crate::{Code, Error, Result};
+use std::sync::Arc;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Largest gRPC message we send or accept.
+const MAX_MESSAGE: usize = 64 << 20;
+/// Batch limit when the server does not say.
+const DEFAULT_BATCH: u64 = 4 << 20;
+
+/// What the server told GetCapabilities (or defaults if it would not).
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub max_batch_total_size_bytes: u64,
+    pub zstd: bool,
+}
+
+/// A shared, lazily connected channel with the node's instance name and headers.
+#[derive(Clone)]
+pub struct GrpcConnection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    channel: Channel,
+    instance_name: String,
+    headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    compression: Compression,
+    max_batch_override: Option<u64>,
+    capabilities: tokio::sync::OnceCell<Capabilities>,
+}
+
+fn config_error(name: &str, field: &str, why: impl std::fmt::Display) -> Error {
+    Error::invalid_argument(format!("{field}: {why}")).with_backend(name)
+}
+
+impl GrpcConnection {
+    /// Prepares a channel; nothing connects until the first call. `name` is the
+    /// node's path in the tree, used in errors and metrics.
+    pub fn new(name: &str, cfg: &GrpcConfig) -> Result<Self> {
+        let name = if name.is_empty() { "grpc" } else { name };
+        let channel = channel(name, cfg)?;
+        let headers = cfg
+            .headers
+            .0
+            .iter()
+            .map(|(k, v)| {
+                let key = k
+                    .parse::<AsciiMetadataKey>()
+                    .map_err(|e| config_error(name, &format!("headers.{k}"), e))?;
+                let value = v.parse::<AsciiMetadataValue>().map_err(|_| {
+                    config_error(
+                        name,
+                        &format!("headers.{k}"),
+                        "value is not printable ASCII",
+                    )
+                })?;
+                Ok((key, value))
+            })
+            .collect::<Result<_>>()?;
+        Ok(GrpcConnection {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                channel,
+                instance_name: cfg.instance_name.clone(),
+                headers,
+                compression: cfg.compression,
+                max_batch_override: cfg.max_batch_size_bytes.map(|b| b.bytes()),
+                capabilities: tokio::sync::OnceCell::new(),
+            }),
+        })
+    }
+
+    /// The node's name in errors and metrics.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    pub fn instance_name(&self) -> &str {
+        &self.inner.instance_name
+    }
+    /// The compression the config asks for (the server must also support it).
+    pub fn compression(&self) -> Compression {
+        self.inner.compression
+    }
+    pub fn channel(&self) -> Channel {
+        self.inner.channel.clone()
+    }
+
+    /// A ByteStream client on the shared channel.
+    pub fn bytestream_client(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A CAS client on the shared channel.
+    pub fn cas_client(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Wraps a message in a request carrying the configured headers.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        for (k, v) in &self.inner.headers {
+            req.metadata_mut().insert(k.clone(), v.clone());
+        }
+        req
+    }
+
+    /// The server's capabilities, asked once. A server without the
+    /// Capabilities service gets conservative defaults; a failure to reach it
+    /// is not cached, so the next call asks again.
+    pub fn capabilities(&self) -> futures::future::BoxFuture<'static, Result<Capabilities>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let fetch = || this.clone().fetch_capabilities();
+            this.inner
+                .capabilities
+                .get_or_try_init(fetch)
+                .await
+                .cloned()
+        })
+    }
+
+    async fn fetch_capabilities(self) -> Result<Capabilities> {
+        let mut client = CapabilitiesClient::new(self.channel());
+        let req = self.request(GetCapabilitiesRequest {
+            instance_name: self.inner.instance_name.clone(),
+        });
+        match client.get_capabilities(req).await {
+            Ok(r) => {
+                let cache = r.into_inner().cache_capabilities.unwrap_or_default();
+                let batch = match cache.max_batch_total_size_bytes {
+                    n if n > 0 => n as u64,
+                    _ => DEFAULT_BATCH,
+                };
+                Ok(Capabilities {
+                    max_batch_total_size_bytes: batch,
+                    zstd: cache
+                        .supported_compressors
+                        .contains(&(compressor::Value::Zstd as i32)),
+                })
+            }
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::debug!(backend = %self.inner.name, "server has no Capabilities service; using defaults");
+                Ok(Capabilities {
+                    max_batch_total_size_bytes: DEFAULT_BATCH,
+                    zstd: false,
+                })
+            }
+            Err(s) => Err(Error::from(s).with_backend(self.inner.name.clone())),
+        }
+    }
+
+    /// Blobs up to this size use the batch calls.
+    pub fn batch_limit(&self) -> futures::future::BoxFuture<'static, Result<u64>> {
+        let (over, caps) = (self.inner.max_batch_override, self.capabilities());
+        Box::pin(async move {
+            if let Some(n) = over {
+                return Ok(n);
+            }
+            // Leave room for the message's framing and digest fields.
+            Ok(caps
+                .await?
+                .max_batch_total_size_bytes
+                .saturating_sub(16 << 10))
+        })
+    }
+}
+
+/// Builds the lazily connecting channel for `cfg.endpoint`.
+fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
+    let bad = |why: &str| config_error(name, "endpoint", format!("{:?} {why}", cfg.endpoint));
+    let (uri, tls, unix) = if let Some(rest) = cfg.endpoint.strip_prefix("grpc://") {
+        (format!("http://{rest}"), false, None)
+    } else if let Some(rest) = cfg.endpoint.strip_prefix("grpcs://") {
+        (format!("https://{rest}"), true, None)
+    } else if let Some(path) = cfg.endpoint.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("has no socket path"));
+        }
+        (
+            "http://localhost".to_string(),
+            false,
+            Some(path.to_string()),
+        )
+    } else {
+        return Err(bad("must start with grpc://, grpcs:// or unix:"));
+    };
+    let mut ep = Endpoint::from_shared(uri).map_err(|_| bad("is not a valid host:port"))?;
+    if unix.is_none() && ep.uri().port_u16().is_none() {
+        return Err(bad("has no port"));
+    }
+    ep = ep
+        .connect_timeout(cfg.connect_timeout.get())
+        .tcp_nodelay(true)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(1 << 20);
+    if let Some(i) = cfg.keepalive_interval {
+        ep = ep
+            .http2_keep_alive_interval(i.get())
+            .keep_alive_while_idle(true);
+    }
+    if let Some(t) = cfg.keepalive_timeout {
+        ep = ep.keep_alive_timeout(t.get());
+    }
+    if tls {
+        let mut tls_cfg = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| config_error(name, "ca_file", format!("{ca}: {e}")))?;
+            tls_cfg = tls_cfg.ca_certificate(Certificate::from_pem(pem));
+        }
+        ep = ep
+            .tls_config(tls_cfg)
+            .map_err(|e| config_error(name, "endpoint", e))?;
+    }
+    Ok(match unix {
+        None => ep.connect_lazy(),
+        Some(path) => ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        })),
+    })
+}

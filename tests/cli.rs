@@ -1,0 +1,144 @@
+//! The CLI end to end against `blob-access serve` over its embedded in-memory CAS.
+
+mod support;
+
+use std::path::Path;
+use support::*;
+
+const SIZES: &[u64] = &[0, 1, (1 << 20) - 1, (1 << 20) + 1, 100 << 20];
+
+#[test]
+fn put_get_find_missing_round_trips() {
+    let serve = Serve::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", serve.port);
+    let c = config.to_str().unwrap();
+    for &size in SIZES {
+        let file = random_file(dir.path(), size);
+        let missing_before = cli_ok(&["find-missing", "--config", c, &expected_digest(&file)]);
+        let want = if size == 0 {
+            String::new()
+        } else {
+            expected_digest(&file)
+        };
+        assert_eq!(
+            missing_before.trim(),
+            want,
+            "the empty blob is never missing"
+        );
+        let digest = cli_ok(&["put", "--config", c, file.to_str().unwrap()])
+            .trim()
+            .to_string();
+        assert_eq!(digest, expected_digest(&file), "size {size}");
+        assert_eq!(cli_ok(&["find-missing", "--config", c, &digest]), "");
+        let out = dir.path().join(format!("out-{size}"));
+        cli_ok(&["get", "--config", c, &digest, "-o", out.to_str().unwrap()]);
+        assert!(files_equal(&file, &out), "size {size}");
+        if size < 2 << 20 {
+            let out = cli(&["get", "--config", c, &digest]);
+            assert!(out.status.success());
+            assert_eq!(
+                out.stdout,
+                std::fs::read(&file).unwrap(),
+                "stdout, size {size}"
+            );
+        }
+    }
+}
+
+/// sha256sum's answer, independent of our own hashing.
+fn expected_digest(file: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    format!("{hash}/{}", std::fs::metadata(file).unwrap().len())
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn failures_are_one_line_errors_and_leave_nothing_behind() {
+    let serve = Serve::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", serve.port);
+    let c = config.to_str().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let absent = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae/3";
+
+    let err = one_line_error(&cli(&["get", "--config", c, absent, "-o", o]));
+    assert!(err.contains("NotFound") && err.contains(absent), "{err}");
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temp file left behind"
+    );
+
+    let err = one_line_error(&cli(&["get", "--config", c, "nothex/3"]));
+    assert!(err.contains("invalid digest"), "{err}");
+    let err = one_line_error(&cli(&[
+        "find-missing",
+        "--config",
+        c,
+        &absent.replace("/3", "/-3"),
+    ]));
+    assert!(err.contains("non-negative"), "{err}");
+
+    let dead = grpc_config(dir.path(), "dead.yaml", free_port());
+    let err = one_line_error(&cli(&[
+        "get",
+        "--config",
+        dead.to_str().unwrap(),
+        absent,
+        "-o",
+        o,
+    ]));
+    assert!(err.contains("Unavailable"), "{err}");
+    assert!(!out.exists());
+
+    let err = one_line_error(&cli(&["put", "--config", c, "/nonexistent/file"]));
+    assert!(err.contains("/nonexistent/file"), "{err}");
+}
+
+#[test]
+fn validate_reports_file_line_column_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "memory:\n  max_size_bytes: 1\n  colour: red\n").unwrap();
+    let good = root().join("examples/memory.yaml");
+    let out = cli(&["validate", good.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:3:3: at memory.colour: unknown field `colour`",
+            bad.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        cli(&["validate", good.to_str().unwrap()]).status.code(),
+        Some(0)
+    );
+
+    let schema: serde_json::Value = serde_json::from_str(&cli_ok(&["schema"])).unwrap();
+    let checked_in: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("config-schema/blob-access.schema.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(schema, checked_in);
+}

@@ -1,0 +1,233 @@
+//! Real servers for end-to-end tests: BuildGrid and nginx through the scripts in
+//! `scripts/` (installed by `scripts/setup-test-env.sh`), and `blob-access serve`
+//! as a child process. Each is stopped when its guard is dropped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blob-access"))
+}
+
+pub fn bgd() -> PathBuf {
+    root().join("target/venv/bin/bgd")
+}
+
+/// Whether BuildGrid and nginx are installed. When they are not, tests that need
+/// them skip, except under `scripts/test.sh` (BLOB_ACCESS_REAL_SERVERS=1), where
+/// a missing server is a failure.
+pub fn real_servers() -> bool {
+    let have = bgd().exists() && Command::new("nginx").arg("-v").output().is_ok();
+    if !have && std::env::var_os("BLOB_ACCESS_REAL_SERVERS").is_some() {
+        panic!("BuildGrid or nginx missing: run scripts/setup-test-env.sh");
+    }
+    if !have {
+        eprintln!("skipping: BuildGrid/nginx not installed (run scripts/test.sh)");
+    }
+    have
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn script(args: &[&str]) {
+    let out = Command::new("bash")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A BuildGrid CAS (instance "") on a free loopback port.
+pub struct BuildGrid {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl BuildGrid {
+    pub fn start() -> BuildGrid {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        script(&[
+            "scripts/buildgrid.sh",
+            "start",
+            dir.path().to_str().unwrap(),
+            &port.to_string(),
+        ]);
+        BuildGrid { dir, port }
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    pub fn stop(&self) {
+        script(&[
+            "scripts/buildgrid.sh",
+            "stop",
+            self.dir.path().to_str().unwrap(),
+        ]);
+    }
+}
+
+impl Drop for BuildGrid {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// nginx proxying gRPC to `upstream_port`, reloadable.
+pub struct Nginx {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Nginx {
+    pub fn start(upstream_port: u16) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        script(&[
+            "scripts/nginx.sh",
+            "start",
+            dir.path().to_str().unwrap(),
+            &port.to_string(),
+            &upstream_port.to_string(),
+        ]);
+        Nginx { dir, port }
+    }
+    pub fn reload(&self) {
+        script(&[
+            "scripts/nginx.sh",
+            "reload",
+            self.dir.path().to_str().unwrap(),
+        ]);
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        script(&[
+            "scripts/nginx.sh",
+            "stop",
+            self.dir.path().to_str().unwrap(),
+        ]);
+    }
+}
+
+/// `blob-access serve` as a child process, killed on drop.
+pub struct Serve {
+    child: Child,
+    pub port: u16,
+}
+
+impl Serve {
+    pub fn start(config: Option<&Path>) -> Serve {
+        let port = free_port();
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+        wait_for_port(port);
+        Serve { child, port }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A file of `size` pseudo-random bytes (seeded by the size, so reruns are alike).
+pub fn random_file(dir: &Path, size: u64) -> PathBuf {
+    use rand::{RngCore, SeedableRng};
+    let path = dir.join(format!("random-{size}"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(size);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        std::io::Write::write_all(&mut f, &buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    std::io::Write::flush(&mut f).unwrap();
+    path
+}
+
+/// A config file with a `grpc` node pointing at `port`.
+pub fn grpc_config(dir: &Path, name: &str, port: u16) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("grpc:\n  endpoint: grpc://127.0.0.1:{port}\n  instance_name: \"\"\n"),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs the CLI and returns its output.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// stdout of a CLI run that must succeed.
+pub fn cli_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    use std::io::Read;
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = ra.read(&mut ba).unwrap();
+        if n == 0 {
+            return true;
+        }
+        rb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
