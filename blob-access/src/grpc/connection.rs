@@ -205,8 +205,10 @@ fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
     ep = ep
         .connect_timeout(cfg.connect_timeout.get())
         .tcp_nodelay(true)
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(32 << 20)
+        // Windows bound what a slow consumer leaves buffered in memory (the
+        // 64 MiB RSS goal) while keeping loopback and LAN links full.
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
         .max_frame_size(1 << 20);
     if let Some(i) = cfg.keepalive_interval {
         ep = ep
