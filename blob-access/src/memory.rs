@@ -195,7 +195,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::DataLoss);
-        assert_eq!(m.find_missing(std::slice::from_ref(&d)).await.unwrap(), vec![d]);
+        assert_eq!(
+            m.find_missing(std::slice::from_ref(&d)).await.unwrap(),
+            vec![d]
+        );
     }
 
     #[tokio::test]
@@ -204,7 +207,11 @@ mod tests {
         let a = put(&m, b"aaaa").await;
         let b = put(&m, b"bbbb").await;
         // Touch `a` so that `b` is the least recently used.
-        assert!(m.find_missing(std::slice::from_ref(&a)).await.unwrap().is_empty());
+        assert!(m
+            .find_missing(std::slice::from_ref(&a))
+            .await
+            .unwrap()
+            .is_empty());
         let c = put(&m, b"cccc").await;
         assert_eq!(m.find_missing(&[a, b.clone(), c]).await.unwrap(), vec![b]);
         assert!(m.size_bytes() <= 10);
