@@ -113,6 +113,8 @@ nodes! {
     "memory" => Memory(blob_access::memory::MemoryConfig),
     /// A remote REAPI CAS; a stream cut in the middle fails the read.
     "grpc" => Grpc(blob_access::grpc::GrpcConfig),
+    /// A remote REAPI CAS whose reads resume at `read_offset` when a stream is cut.
+    "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig),
 }
 
 /// Loads a config file and builds its tree.

@@ -1,0 +1,132 @@
+//! `resumable_grpc`: a REAPI backend whose reads survive killed streams.
+//!
+//! Proxies and load balancers (nginx, Envoy, cloud LBs) end long ByteStream
+//! reads on reload (GOAWAY), at a maximum stream age or on idle timers. A
+//! plain client then fails or starts again from byte 0, and a large blob may
+//! never arrive. This node opens a new Read at `read_offset` = bytes already
+//! delivered, as often as the retry budget allows, and verifies the digest
+//! across all the attempts. Writes and existence checks go to a plain `grpc`
+//! backend on the same channel.
+
+mod attempt;
+mod opener;
+mod reader;
+mod reads;
+mod recheck;
+mod retry;
+mod zstd_decode;
+
+pub use attempt::{AttemptRequest, AttemptStream, ReadOpener};
+pub use opener::ByteStreamOpener;
+pub use reader::COUNTERS;
+pub use reads::ResumableReads;
+pub use retry::{classify, Failure, Origin, RetryPolicy, Verdict};
+
+use blob_access::config_types::Duration;
+use blob_access::grpc::{Compression, GrpcBlobAccess, GrpcConfig, GrpcConnection};
+use blob_access::resource::Compressor;
+use blob_access::{
+    BlobAccess, BlobStream, BuildContext, BuildNode, Digest, NodeMetrics, ReadRange, Result,
+};
+use futures::FutureExt;
+use std::sync::Arc;
+
+/// Config node `resumable_grpc: {grpc: {endpoint: ...}, max_attempts_without_progress: 5}`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumableGrpcConfig {
+    /// The remote CAS, with the same fields as the `grpc` node.
+    pub grpc: GrpcConfig,
+    /// Consecutive attempts that deliver no byte before a read gives up; any
+    /// progress resets the count. Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts_without_progress: u32,
+    /// Wait after the first attempt without progress, doubled (with jitter)
+    /// after each further one. Default 50ms.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff: Duration,
+    /// Upper bound of that wait. Default 5s.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Duration,
+    /// No new attempt is started later than this after a read began. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Duration>,
+}
+
+fn default_max_attempts() -> u32 {
+    RetryPolicy::default().max_attempts_without_progress
+}
+fn default_initial_backoff() -> Duration {
+    Duration(RetryPolicy::default().initial_backoff)
+}
+fn default_max_backoff() -> Duration {
+    Duration(RetryPolicy::default().max_backoff)
+}
+
+impl ResumableGrpcConfig {
+    /// The retry settings of this node.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts_without_progress: self.max_attempts_without_progress.max(1),
+            initial_backoff: self.initial_backoff.get(),
+            max_backoff: self.max_backoff.get(),
+            deadline: self.deadline.map(Duration::get),
+        }
+    }
+}
+
+impl BuildNode for ResumableGrpcConfig {
+    fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
+        let conn = GrpcConnection::new(ctx.path(), &self.grpc)?;
+        Ok(Arc::new(ResumableGrpcBlobAccess::new(conn, self.policy())))
+    }
+}
+
+/// See the module documentation.
+pub struct ResumableGrpcBlobAccess {
+    plain: GrpcBlobAccess,
+    reads: ResumableReads,
+}
+
+impl ResumableGrpcBlobAccess {
+    pub fn new(conn: GrpcConnection, policy: RetryPolicy) -> Self {
+        ResumableGrpcBlobAccess {
+            reads: ResumableReads::new(conn.name(), policy),
+            plain: GrpcBlobAccess::new(conn),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobAccess for ResumableGrpcBlobAccess {
+    fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
+        if digest.size_bytes() == 0 {
+            // The empty blob needs no round trip.
+            return self.plain.get(digest, range);
+        }
+        let conn = self.plain.connection().clone();
+        let caps = conn.capabilities();
+        let request_conn = conn.clone();
+        let opener = ByteStreamOpener::new(conn.bytestream_client(), conn.instance_name(), digest)
+            .with_request(move |r| request_conn.request(r))
+            .with_zstd_support(caps.map(|c| c.is_ok_and(|c| c.zstd)).boxed());
+        let compressor = match conn.compression() {
+            Compression::Zstd => Compressor::Zstd,
+            Compression::None => Compressor::Identity,
+        };
+        self.reads.get(Arc::new(opener), digest, range, compressor)
+    }
+
+    async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {
+        self.plain.put(digest, data).await
+    }
+
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.plain.find_missing(digests).await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        self.reads.metrics(out);
+        self.plain.metrics(out);
+    }
+}

@@ -1,0 +1,94 @@
+//! One ByteStream Read attempt over a tonic channel: the resource name (with
+//! `compressed-blobs/zstd/` when the server takes it), `read_offset` and
+//! `read_limit` in uncompressed bytes, the configured request headers, and
+//! each failure classified for the retry rule.
+
+use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
+use super::retry::Failure;
+use super::zstd_decode::decompress;
+use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
+use blob_access::bytestream_proto::ReadRequest;
+use blob_access::resource::{Compressor, ReadResource};
+use blob_access::Digest;
+use bytes::Bytes;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt, TryFutureExt};
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+type Decorate = Arc<dyn Fn(ReadRequest) -> tonic::Request<ReadRequest> + Send + Sync>;
+
+/// Opens ByteStream Read attempts of one blob through `client`.
+///
+/// Cheap to clone; each attempt is a new RPC on the same channel, so a channel
+/// whose connection was killed reconnects for the next attempt.
+#[derive(Clone)]
+pub struct ByteStreamOpener {
+    client: ByteStreamClient<Channel>,
+    instance_name: String,
+    digest: Digest,
+    decorate: Decorate,
+    zstd_supported: Shared<BoxFuture<'static, bool>>,
+}
+
+impl ByteStreamOpener {
+    /// Attempts read `digest` under `instance_name`; without further settings
+    /// requests carry no extra headers and zstd is assumed to be supported.
+    pub fn new(client: ByteStreamClient<Channel>, instance_name: &str, digest: &Digest) -> Self {
+        ByteStreamOpener {
+            client,
+            instance_name: instance_name.to_string(),
+            digest: digest.clone(),
+            decorate: Arc::new(tonic::Request::new),
+            zstd_supported: futures::future::ready(true).boxed().shared(),
+        }
+    }
+
+    /// Builds each request, e.g. to attach the configured headers.
+    pub fn with_request(
+        mut self,
+        decorate: impl Fn(ReadRequest) -> tonic::Request<ReadRequest> + Send + Sync + 'static,
+    ) -> Self {
+        self.decorate = Arc::new(decorate);
+        self
+    }
+
+    /// Whether the server takes zstd reads (e.g. from its cached capabilities);
+    /// awaited only by attempts that would compress.
+    pub fn with_zstd_support(mut self, supported: BoxFuture<'static, bool>) -> Self {
+        self.zstd_supported = supported.shared();
+        self
+    }
+
+    async fn attempt(self, r: AttemptRequest) -> Result<AttemptStream, Failure> {
+        let compressor = match r.compressor {
+            Compressor::Zstd if self.zstd_supported.clone().await => Compressor::Zstd,
+            _ => Compressor::Identity,
+        };
+        let resource = ReadResource::new(&self.instance_name, compressor, self.digest.clone());
+        let request = (self.decorate)(ReadRequest {
+            resource_name: resource.to_string(),
+            read_offset: r.offset as i64,
+            read_limit: r.limit as i64,
+        });
+        let mut client = self.client;
+        let stream = client
+            .read(request)
+            .await
+            .map_err(Failure::from_status)?
+            .into_inner();
+        let bytes = stream
+            .map(|m| m.map(|m| Bytes::from(m.data)).map_err(Failure::from_status))
+            .boxed();
+        Ok(match compressor {
+            Compressor::Zstd => decompress(bytes),
+            Compressor::Identity => bytes,
+        })
+    }
+}
+
+impl ReadOpener for ByteStreamOpener {
+    fn open(&self, request: AttemptRequest) -> AttemptStream {
+        self.clone().attempt(request).try_flatten_stream().boxed()
+    }
+}

@@ -1,0 +1,298 @@
+//! The resuming reader: one continuous stream of a blob's bytes made of as
+//! many ByteStream Read attempts as it takes.
+//!
+//! The seed's Go prototype resumed after a read that had completed (b1), built
+//! the result wrongly from the parts (b2), dropped messages of a recreated
+//! stream (b3) and handed the data out again on a further poll (b4). Here every
+//! attempt is a stream that is polled to its end, the next attempt asks for
+//! exactly the bytes not yet delivered, and a finished reader stays finished.
+//!
+//! The reader is a plain `Stream` state machine: no task is spawned, so
+//! dropping it drops the attempt in flight (cancelling the RPC) and any wait.
+
+use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
+use super::retry::{classify, Failure, RetryPolicy, Verdict};
+use blob_access::node::Counters;
+use blob_access::resource::Compressor;
+use blob_access::{Code, Digest, Error, ReadRange, Result};
+use bytes::Bytes;
+use futures::{Future, Stream, StreamExt};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// Counters kept per node (read through `BlobAccess::metrics`).
+pub const COUNTERS: &[&str] = &[
+    "reads",
+    "resumptions",
+    "bytes_rerequested",
+    "give_ups",
+    "zstd_fallbacks",
+    "offset_rechecks",
+];
+
+/// What one read shares with the layer above it (see `recheck`).
+#[derive(Debug, Default)]
+pub struct ReadShared {
+    /// Resumptions so far.
+    pub resumptions: AtomicU32,
+    /// The reader passed on an error it did not make itself (a server's answer).
+    pub passed_server_error: AtomicBool,
+    /// Set by the reader when a zstd resume was refused: later reads of the node
+    /// resume uncompressed at once.
+    pub zstd_offset_refused: Arc<AtomicBool>,
+}
+
+enum State {
+    Open,
+    Streaming(AttemptStream),
+    Waiting(Pin<Box<Sleep>>),
+    Done,
+}
+
+/// See the module documentation. Yields the bytes of the range, or an error as
+/// its last item. Bytes past the end of the range are yielded too (then the
+/// reader stops), for the `blob_access::verify::verify` around it to reject.
+pub struct ResumingReader {
+    opener: Arc<dyn ReadOpener>,
+    digest: Digest,
+    offset: u64,
+    /// Bytes the whole read must deliver.
+    want: u64,
+    limited: bool,
+    compressor: Compressor,
+    policy: RetryPolicy,
+    counters: Arc<Counters>,
+    shared: Arc<ReadShared>,
+    delivered: u64,
+    attempts: u32,
+    in_a_row: u32,
+    this_attempt: u64,
+    started: Option<Instant>,
+    state: State,
+}
+
+impl ResumingReader {
+    /// A reader of `range` of `digest`; the range must lie within the blob
+    /// (`verify` reports OUT_OF_RANGE before polling otherwise).
+    pub fn new(
+        opener: Arc<dyn ReadOpener>,
+        digest: &Digest,
+        range: ReadRange,
+        compressor: Compressor,
+        policy: RetryPolicy,
+        counters: Arc<Counters>,
+        shared: Arc<ReadShared>,
+    ) -> Self {
+        let want = range.len_in(digest.size_bytes()).unwrap_or(0);
+        ResumingReader {
+            opener,
+            digest: digest.clone(),
+            offset: range.offset,
+            want,
+            limited: range.limit.is_some(),
+            compressor,
+            policy,
+            counters,
+            shared,
+            delivered: 0,
+            attempts: 0,
+            in_a_row: 0,
+            this_attempt: 0,
+            started: None,
+            state: State::Open,
+        }
+    }
+
+    fn next_request(&self) -> AttemptRequest {
+        let remaining = self.want - self.delivered;
+        if self.limited && remaining == 0 {
+            // ByteStream has no way to ask for zero bytes but reading at the
+            // end: an existence check that returns nothing.
+            return AttemptRequest {
+                offset: self.digest.size_bytes(),
+                limit: 0,
+                compressor: Compressor::Identity,
+            };
+        }
+        let offset = self.offset + self.delivered;
+        let refused = offset > 0 && self.shared.zstd_offset_refused.load(Ordering::Relaxed);
+        AttemptRequest {
+            offset,
+            limit: if self.limited { remaining } else { 0 },
+            compressor: if refused {
+                Compressor::Identity
+            } else {
+                self.compressor
+            },
+        }
+    }
+
+    fn finish(&mut self, item: Option<Result<Bytes>>) -> Poll<Option<Result<Bytes>>> {
+        self.state = State::Done;
+        Poll::Ready(item)
+    }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Bytes>>> {
+        self.finish(Some(Err(error.with_digest(&self.digest))))
+    }
+
+    /// Decides what follows a failed attempt: the next state, or the error to report.
+    fn after_failure(&mut self, f: Failure) -> std::result::Result<State, Error> {
+        let progress = self.this_attempt > 0;
+        self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
+        let context = format!(
+            "attempt {} at read_offset {}, {} of {} bytes delivered",
+            self.attempts,
+            self.offset + self.delivered,
+            self.delivered,
+            self.want
+        );
+        let server_delay = match classify(&f) {
+            Verdict::Retry { server_delay } => server_delay,
+            Verdict::Fatal if self.zstd_refused(&f, progress) => {
+                self.compressor = Compressor::Identity;
+                if self.offset + self.delivered > 0 {
+                    self.shared
+                        .zstd_offset_refused
+                        .store(true, Ordering::Relaxed);
+                }
+                self.counters.inc("zstd_fallbacks");
+                tracing::info!(digest = %self.digest, cause = %f.error, "server refused a zstd read at an offset; resuming uncompressed");
+                return Ok(State::Open);
+            }
+            Verdict::Fatal => {
+                self.shared
+                    .passed_server_error
+                    .store(true, Ordering::Relaxed);
+                let e = &f.error;
+                return Err(Error::new(e.code(), format!("{} ({context})", e.message())));
+            }
+        };
+        // Every retriable cause is transient, so a give-up is UNAVAILABLE (or
+        // DEADLINE_EXCEEDED for our own deadline) whatever the last cause was.
+        let give_up = |code: Code, why: String| {
+            self.counters.inc("give_ups");
+            let e = &f.error;
+            let cause = format!("{:?}: {}", e.code(), e.message());
+            Err(Error::new(
+                code,
+                format!("gave up resuming: {why}; {context}; last cause: {cause}"),
+            ))
+        };
+        if self.in_a_row >= self.policy.max_attempts_without_progress {
+            let why = format!("{} attempts in a row delivered no byte", self.in_a_row);
+            return give_up(Code::Unavailable, why);
+        }
+        let delay = self
+            .policy
+            .backoff(self.in_a_row)
+            .max(server_delay.unwrap_or_default());
+        if let (Some(limit), Some(started)) = (self.policy.deadline, self.started) {
+            if started.elapsed() + delay >= limit {
+                let why = format!("the retry deadline of {limit:?} has passed");
+                return give_up(Code::DeadlineExceeded, why);
+            }
+        }
+        self.resumed(&f, delay);
+        Ok(if delay.is_zero() {
+            State::Open
+        } else {
+            State::Waiting(Box::pin(tokio::time::sleep(delay)))
+        })
+    }
+
+    /// A server that cannot serve a compressed read (typically one at an
+    /// offset) says so before sending anything; the read goes on uncompressed.
+    fn zstd_refused(&self, f: &Failure, progress: bool) -> bool {
+        self.next_request().compressor == Compressor::Zstd
+            && !progress
+            && matches!(
+                f.error.code(),
+                Code::InvalidArgument
+                    | Code::OutOfRange
+                    | Code::Unimplemented
+                    | Code::FailedPrecondition
+            )
+    }
+
+    fn resumed(&mut self, f: &Failure, delay: Duration) {
+        let next = self.next_request();
+        self.shared.resumptions.fetch_add(1, Ordering::Relaxed);
+        self.counters.inc("resumptions");
+        self.counters
+            .add("bytes_rerequested", self.want - self.delivered);
+        tracing::info!(
+            digest = %self.digest,
+            offset = next.offset,
+            attempt = self.attempts + 1,
+            delay_ms = delay.as_millis() as u64,
+            cause = %f.error,
+            origin = ?f.origin,
+            "resuming ByteStream read"
+        );
+    }
+}
+
+impl Stream for ResumingReader {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Waiting(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    this.state = State::Open;
+                }
+                State::Open => {
+                    if this.attempts == 0 {
+                        this.started = Some(Instant::now());
+                        this.counters.inc("reads");
+                    }
+                    this.attempts += 1;
+                    this.this_attempt = 0;
+                    this.state = State::Streaming(this.opener.open(this.next_request()));
+                }
+                State::Streaming(stream) => {
+                    let failure = match ready!(stream.poll_next_unpin(cx)) {
+                        Some(Ok(chunk)) if chunk.is_empty() => continue,
+                        Some(Ok(chunk)) => {
+                            let len = chunk.len() as u64;
+                            if this.delivered + len > this.want {
+                                // Passed on, not dropped: the verifier around the
+                                // reader fails the read with DATA_LOSS on them.
+                                tracing::warn!(
+                                    digest = %this.digest,
+                                    attempt = this.attempts,
+                                    received = this.delivered + len,
+                                    expected = this.want,
+                                    "server sent more bytes than asked for"
+                                );
+                                return this.finish(Some(Ok(chunk)));
+                            }
+                            this.delivered += len;
+                            this.this_attempt += len;
+                            return Poll::Ready(Some(Ok(chunk)));
+                        }
+                        // Everything arrived; an error on the way out loses nothing.
+                        _ if this.delivered == this.want => return this.finish(None),
+                        Some(Err(f)) => f,
+                        None => {
+                            let asked = this.want - (this.delivered - this.this_attempt);
+                            Failure::truncated(this.this_attempt, asked)
+                        }
+                    };
+                    match this.after_failure(failure) {
+                        Ok(next) => this.state = next,
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Which failures of one ByteStream Read attempt are worth another attempt, and
+//! how long to wait before it.
+//!
+//! Proxies and load balancers end long streams in many ways: RST_STREAM,
+//! GOAWAY, a TCP reset, an HTTP 502 answer, a stream that just stops. tonic
+//! reports each as a `Status` whose code alone does not tell a broken transport
+//! from a server's considered answer (both can be INTERNAL or UNKNOWN), so a
+//! [`Failure`] also records where the failure came from.
+
+use blob_access::{Code, Error};
+use rand::Rng;
+use std::time::Duration;
+
+/// Where a failure of one attempt came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A status the server (or a proxy speaking gRPC) sent in its trailers.
+    Server,
+    /// Synthesised by the client from a broken stream or connection: RST_STREAM,
+    /// GOAWAY, a TCP reset or FIN, a missing `grpc-status`, an HTTP 502/503/504 answer.
+    Transport,
+    /// The stream ended with status OK before all the bytes arrived.
+    Truncated,
+}
+
+/// Why one attempt of a read ended before delivering all its bytes.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub error: Error,
+    pub origin: Origin,
+}
+
+impl Failure {
+    /// A status sent by the server.
+    pub fn server(error: Error) -> Self {
+        Failure {
+            error,
+            origin: Origin::Server,
+        }
+    }
+
+    /// A failure of the stream or the connection under it.
+    pub fn transport(error: Error) -> Self {
+        Failure {
+            error,
+            origin: Origin::Transport,
+        }
+    }
+
+    /// A clean end of stream after `got` of the `wanted` bytes of the attempt.
+    pub fn truncated(got: u64, wanted: u64) -> Self {
+        let error = Error::unavailable(format!(
+            "stream ended cleanly after {got} of the {wanted} bytes requested"
+        ));
+        Failure {
+            error,
+            origin: Origin::Truncated,
+        }
+    }
+
+    /// Classifies a status returned by tonic. A status tonic made from a local
+    /// error (h2, hyper, io) carries that error as its source; one decoded from
+    /// the server's trailers has none. A few transport cases tonic synthesises
+    /// without a source are recognised by their fixed messages.
+    pub fn from_status(status: tonic::Status) -> Self {
+        let has_source = std::error::Error::source(&status).is_some();
+        let msg = status.message();
+        let transport = has_source
+            || msg.starts_with("h2 protocol error")
+            || msg.contains("missing grpc-status trailer")
+            || ["502", "503", "504"]
+                .iter()
+                .any(|c| msg.contains(&format!("mapped from HTTP status code {c}")));
+        let error = Error::from(status);
+        if transport {
+            Failure::transport(error)
+        } else {
+            Failure::server(error)
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Try again; not before the delay the server asked for, if any (RetryInfo).
+    Retry { server_delay: Option<Duration> },
+    /// Report the failure to the caller.
+    Fatal,
+}
+
+/// The retry rule of the issue: transient transport and server conditions are
+/// retried; answers about the request itself (NOT_FOUND, INVALID_ARGUMENT,
+/// PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE, UNIMPLEMENTED,
+/// FAILED_PRECONDITION, ...) are not.
+///
+/// CANCELLED and DEADLINE_EXCEEDED are retried: a cancellation by our own
+/// caller is a dropped stream, which never gets here, and our own deadline is
+/// checked separately by the reader.
+pub fn classify(f: &Failure) -> Verdict {
+    let retry = Verdict::Retry { server_delay: None };
+    if f.origin == Origin::Truncated {
+        return retry;
+    }
+    let transport = f.origin == Origin::Transport;
+    match f.error.code() {
+        Code::Unavailable | Code::Aborted | Code::Cancelled | Code::DeadlineExceeded => retry,
+        Code::Internal | Code::Unknown if transport => retry,
+        Code::ResourceExhausted => Verdict::Retry {
+            server_delay: f.error.retry_delay(),
+        },
+        _ => Verdict::Fatal,
+    }
+}
+
+/// Retry settings of a resuming read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Consecutive attempts that delivered no byte before the read gives up.
+    pub max_attempts_without_progress: u32,
+    /// Backoff after the first attempt without progress; doubled after each further one.
+    pub initial_backoff: Duration,
+    /// Upper bound of the backoff.
+    pub max_backoff: Duration,
+    /// No attempt is started (and no backoff waited) later than this after the read began.
+    pub deadline: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts_without_progress: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            deadline: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before the next attempt after `in_a_row` consecutive attempts
+    /// without progress (0 after an attempt that made progress: no wait).
+    /// Exponential with "equal jitter": uniformly in `[b/2, b]` for the
+    /// exponential value `b`, so concurrent readers cut by the same proxy
+    /// restart spread out rather than in lockstep.
+    pub fn backoff(&self, in_a_row: u32) -> Duration {
+        if in_a_row == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << (in_a_row - 1).min(20);
+        let base = self
+            .initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff);
+        let half = base / 2;
+        half + rand::rng().random_range(Duration::ZERO..=base - half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_verdict(code: Code, origin: Origin) -> Verdict {
+        classify(&Failure {
+            error: Error::new(code, "x"),
+            origin,
+        })
+    }
+
+    #[test]
+    fn classification_follows_the_issue() {
+        let retry = Verdict::Retry { server_delay: None };
+        for code in [
+            Code::Unavailable,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+        ] {
+            assert_eq!(code_verdict(code, Origin::Server), retry, "{code:?}");
+        }
+        for code in [Code::Internal, Code::Unknown] {
+            assert_eq!(code_verdict(code, Origin::Transport), retry, "{code:?}");
+            assert_eq!(
+                code_verdict(code, Origin::Server),
+                Verdict::Fatal,
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::FailedPrecondition,
+            Code::DataLoss,
+        ] {
+            assert_eq!(
+                code_verdict(code, Origin::Server),
+                Verdict::Fatal,
+                "{code:?}"
+            );
+            assert_eq!(code_verdict(code, Origin::Transport), Verdict::Fatal);
+        }
+        assert_eq!(classify(&Failure::truncated(1, 2)), retry);
+    }
+
+    #[test]
+    fn retry_info_is_honoured() {
+        let status = <tonic::Status as tonic_types::StatusExt>::with_error_details(
+            Code::ResourceExhausted,
+            "slow down",
+            tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(1500))),
+        );
+        let f = Failure::from_status(status);
+        assert_eq!(f.origin, Origin::Server);
+        assert_eq!(
+            classify(&f),
+            Verdict::Retry {
+                server_delay: Some(Duration::from_millis(1500))
+            }
+        );
+    }
+
+    #[test]
+    fn status_origin() {
+        let server = Failure::from_status(tonic::Status::internal("disk on fire"));
+        assert_eq!(server.origin, Origin::Server);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let local = Failure::from_status(tonic::Status::from_error(Box::new(io)));
+        assert_eq!(local.origin, Origin::Transport);
+        assert!(local.error.message().contains("reset by peer"));
+        for (msg, origin) in [
+            (
+                "grpc-status header missing, mapped from HTTP status code 503",
+                Origin::Transport,
+            ),
+            (
+                "grpc-status header missing, mapped from HTTP status code 500",
+                Origin::Server,
+            ),
+            (
+                "protocol error: missing grpc-status trailer, stream was terminated",
+                Origin::Transport,
+            ),
+        ] {
+            let f = Failure::from_status(tonic::Status::unknown(msg));
+            assert_eq!(f.origin, origin, "{msg}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let p = RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(p.backoff(0), Duration::ZERO);
+        for (n, base) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
+            let d = p.backoff(n).as_millis() as u64;
+            assert!(base / 2 <= d && d <= base, "attempt {n}: {d} ms");
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| p.backoff(3)).collect();
+        assert!(samples.len() > 1, "no jitter");
+    }
+}

@@ -1,0 +1,287 @@
+//! A real tonic ByteStream + Capabilities server on 127.0.0.1 over a
+//! `MemoryBlobAccess`, whose Read attempts misbehave on demand: a status after
+//! N bytes, a clean early end, `read_offset` ignored, a corrupted byte. It
+//! serves `compressed-blobs/zstd/...` (a zstd frame per 16 KiB, with
+//! `read_offset` in uncompressed bytes) when asked to advertise ZSTD.
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+use bazel_remote_apis::build::bazel::semver::SemVer;
+use bazel_remote_apis::google::bytestream as bs;
+use blob_access::memory::MemoryBlobAccess;
+use blob_access::resource::{Compressor, ReadResource};
+use blob_access::{BlobAccess, BlobStream, Code, Digest, ReadRange};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tonic::{Request, Response, Status};
+
+/// How one Read attempt misbehaves. Byte counts are of what goes on the wire
+/// (compressed bytes for a zstd read), so cuts can fall inside a zstd frame.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// After `after` bytes, fail with `code` (RESOURCE_EXHAUSTED carries a 10 ms RetryInfo).
+    Status { after: u64, code: Code },
+    /// After `after` bytes, end with status OK.
+    EarlyEnd { after: u64 },
+    /// Serve from byte 0 whatever `read_offset` says.
+    IgnoreOffset,
+    /// Flip the bits of the blob byte at this offset.
+    Corrupt { at: u64 },
+}
+
+/// Server-wide behaviour.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Advertise and serve ZSTD.
+    pub zstd: bool,
+    /// Answer compressed reads at a non-zero offset with UNIMPLEMENTED.
+    pub refuse_zstd_offset: bool,
+}
+
+#[derive(Default)]
+struct Script {
+    next: VecDeque<Option<Fault>>,
+    always: Option<Fault>,
+    requests: Vec<(String, i64, i64)>,
+}
+
+#[derive(Clone)]
+struct Service {
+    cas: Arc<MemoryBlobAccess>,
+    script: Arc<Mutex<Script>>,
+    opts: Options,
+}
+
+/// See the module documentation. Stops when dropped.
+pub struct FaultServer {
+    pub addr: SocketAddr,
+    pub cas: Arc<MemoryBlobAccess>,
+    script: Arc<Mutex<Script>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl FaultServer {
+    pub async fn start(opts: Options) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cas = Arc::new(MemoryBlobAccess::new("fault-server", 1 << 40));
+        let script = Arc::new(Mutex::new(Script::default()));
+        let svc = Service {
+            cas: cas.clone(),
+            script: script.clone(),
+            opts,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = tonic::transport::Server::builder()
+            .add_service(bs::byte_stream_server::ByteStreamServer::new(svc.clone()))
+            .add_service(reapi::capabilities_server::CapabilitiesServer::new(svc));
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        }));
+        FaultServer {
+            addr,
+            cas,
+            script,
+            _stop: stop,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    pub async fn insert(&self, data: Bytes) -> Digest {
+        let d = Digest::of(&data);
+        self.cas
+            .put(&d, blob_access::util::once(data))
+            .await
+            .unwrap();
+        d
+    }
+
+    /// Faults of the next attempts, in order (`None`: a healthy attempt),
+    /// replacing what is left of the previous plan.
+    pub fn plan(&self, faults: impl IntoIterator<Item = Option<Fault>>) {
+        self.script.lock().unwrap().next = faults.into_iter().collect();
+    }
+
+    /// The fault of every attempt once the plan is used up.
+    pub fn always(&self, fault: Option<Fault>) {
+        self.script.lock().unwrap().always = fault;
+    }
+
+    /// `(resource_name, read_offset, read_limit)` of each Read so far.
+    pub fn requests(&self) -> Vec<(String, i64, i64)> {
+        self.script.lock().unwrap().requests.clone()
+    }
+}
+
+fn status(code: Code) -> Status {
+    let msg = format!("injected {code:?}");
+    if code == Code::ResourceExhausted {
+        let info =
+            tonic_types::ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(10)));
+        return <Status as tonic_types::StatusExt>::with_error_details(code, msg, info);
+    }
+    Status::new(code, msg)
+}
+
+#[tonic::async_trait]
+impl bs::byte_stream_server::ByteStream for Service {
+    type ReadStream = BoxStream<'static, Result<bs::ReadResponse, Status>>;
+
+    async fn read(
+        &self,
+        req: Request<bs::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let r = req.into_inner();
+        let fault = {
+            let mut s = self.script.lock().unwrap();
+            s.requests
+                .push((r.resource_name.clone(), r.read_offset, r.read_limit));
+            let always = s.always.clone();
+            s.next.pop_front().unwrap_or(always)
+        };
+        let res = ReadResource::parse(&r.resource_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let zstd = res.compressor == Compressor::Zstd;
+        if zstd && (!self.opts.zstd || (self.opts.refuse_zstd_offset && r.read_offset > 0)) {
+            return Err(Status::unimplemented("compressed read not supported here"));
+        }
+        let ignore = matches!(fault, Some(Fault::IgnoreOffset));
+        let offset = if ignore {
+            0
+        } else {
+            r.read_offset.max(0) as u64
+        };
+        let limit = (r.read_limit > 0).then_some(r.read_limit as u64);
+        if offset > res.digest.size_bytes() {
+            return Err(Status::out_of_range("read_offset past the end"));
+        }
+        let data = self.cas.get(&res.digest, ReadRange::new(offset, limit));
+        Ok(Response::new(faulty(data, offset, fault, zstd)))
+    }
+
+    async fn write(
+        &self,
+        _: Request<tonic::Streaming<bs::WriteRequest>>,
+    ) -> Result<Response<bs::WriteResponse>, Status> {
+        Err(Status::unimplemented("read-only fault server"))
+    }
+
+    async fn query_write_status(
+        &self,
+        _: Request<bs::QueryWriteStatusRequest>,
+    ) -> Result<Response<bs::QueryWriteStatusResponse>, Status> {
+        Err(Status::unimplemented("read-only fault server"))
+    }
+}
+
+#[tonic::async_trait]
+impl reapi::capabilities_server::Capabilities for Service {
+    async fn get_capabilities(
+        &self,
+        _: Request<reapi::GetCapabilitiesRequest>,
+    ) -> Result<Response<reapi::ServerCapabilities>, Status> {
+        let zstd = reapi::compressor::Value::Zstd as i32;
+        Ok(Response::new(reapi::ServerCapabilities {
+            cache_capabilities: Some(reapi::CacheCapabilities {
+                digest_functions: vec![reapi::digest_function::Value::Sha256 as i32],
+                max_batch_total_size_bytes: 4 << 20,
+                supported_compressors: if self.opts.zstd { vec![zstd] } else { vec![] },
+                ..Default::default()
+            }),
+            low_api_version: Some(SemVer {
+                major: 2,
+                ..Default::default()
+            }),
+            high_api_version: Some(SemVer {
+                major: 2,
+                minor: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+struct Wire {
+    data: BlobStream,
+    pos: u64,
+    sent: u64,
+    fault: Option<Fault>,
+    zstd: bool,
+    done: bool,
+}
+
+/// The response stream of one attempt: `data` (starting at blob offset `pos`)
+/// with `fault` applied, compressed if `zstd`.
+fn faulty(
+    data: BlobStream,
+    pos: u64,
+    fault: Option<Fault>,
+    zstd: bool,
+) -> BoxStream<'static, Result<bs::ReadResponse, Status>> {
+    let w = Wire {
+        data,
+        pos,
+        sent: 0,
+        fault,
+        zstd,
+        done: false,
+    };
+    futures::stream::unfold(w, |mut w| async move {
+        if w.done {
+            return None;
+        }
+        let cut = match w.fault {
+            Some(Fault::Status { after, code }) => Some((after, Some(code))),
+            Some(Fault::EarlyEnd { after }) => Some((after, None)),
+            _ => None,
+        };
+        if let Some((after, code)) = cut {
+            if w.sent >= after {
+                w.done = true;
+                return code.map(|c| (Err(status(c)), w));
+            }
+        }
+        let chunk = match w.data.next().await {
+            None => {
+                w.done = true;
+                let end = cut.and_then(|(_, code)| code).map(|c| Err(status(c)));
+                return end.map(|e| (e, w));
+            }
+            Some(Err(e)) => {
+                w.done = true;
+                return Some((Err(Status::from(e)), w));
+            }
+            Some(Ok(chunk)) => chunk,
+        };
+        let mut chunk = chunk.to_vec();
+        if let Some(Fault::Corrupt { at }) = w.fault {
+            if (w.pos..w.pos + chunk.len() as u64).contains(&at) {
+                chunk[(at - w.pos) as usize] ^= 0xff;
+            }
+        }
+        w.pos += chunk.len() as u64;
+        let mut wire = if w.zstd {
+            // A frame per 16 KiB, so that cuts leave complete frames behind.
+            chunk
+                .chunks(16 * 1024)
+                .flat_map(|p| zstd::bulk::compress(p, 1).unwrap())
+                .collect()
+        } else {
+            chunk
+        };
+        if let Some((after, _)) = cut {
+            wire.truncate((after - w.sent).min(wire.len() as u64) as usize);
+        }
+        w.sent += wire.len() as u64;
+        Some((Ok(bs::ReadResponse { data: wire }), w))
+    })
+    .boxed()
+}
