@@ -19,6 +19,7 @@
 //! # });
 //! ```
 
+pub mod chaos;
 pub mod config_types;
 pub mod digest;
 pub mod error;

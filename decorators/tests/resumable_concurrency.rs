@@ -24,7 +24,7 @@ async fn sixty_four_gets(zstd: bool, faults: Faults) {
         let data = test_blob(SIZES[i % SIZES.len()], i as u64);
         blobs.push((server.insert(data.clone()).await, data));
     }
-    let proxy = Proxy::start(server.addr, Some(faults)).await;
+    let proxy = Proxy::start(server.addr, Some(faults)).await.unwrap();
     let client = Arc::new(Client::new(&proxy.endpoint(), zstd, RetryPolicy::default()));
     let started = std::time::Instant::now();
     let tasks: Vec<_> = blobs

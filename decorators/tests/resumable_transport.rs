@@ -45,7 +45,7 @@ async fn tcp_resets_and_closes_after_n_bytes_are_resumed() {
         })
         .await;
         let blobs = blobs(&server, &SIZES).await;
-        let proxy = Proxy::start(server.addr, None).await;
+        let proxy = Proxy::start(server.addr, None).await.unwrap();
         for kill in [Kill::Rst, Kill::Fin] {
             for (d, data) in &blobs {
                 // A new channel, so the read starts on a new connection: the
@@ -73,7 +73,9 @@ async fn a_proxy_killing_every_connection_is_given_up_on_after_the_budget() {
     let server = FaultServer::start(Options::default()).await;
     let blobs = blobs(&server, &[CHUNK + 1]).await;
     let (d, data) = &blobs[0];
-    let proxy = Proxy::start(server.addr, Some(Faults::bytes(Kill::Rst, 0))).await;
+    let proxy = Proxy::start(server.addr, Some(Faults::bytes(Kill::Rst, 0)))
+        .await
+        .unwrap();
     let client = Client::new(&proxy.endpoint(), false, policy());
     let err = client.read_all(d, data).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
@@ -96,7 +98,8 @@ async fn a_large_blob_survives_connections_killed_every_150ms() {
             server.addr,
             Some(Faults::time(kill, Duration::from_millis(150))),
         )
-        .await;
+        .await
+        .unwrap();
         let client = Client::new(&proxy.endpoint(), zstd, policy());
         let started = std::time::Instant::now();
         client.read_all(d, data).await.unwrap();

@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 pub mod h2_server;
-pub mod proxy;
+#[allow(unused_imports)]
+pub use blob_access::chaos as proxy;
 pub mod scripted;
 pub mod server;
 

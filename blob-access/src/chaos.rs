@@ -1,6 +1,17 @@
 //! A TCP proxy on 127.0.0.1 that kills connections the way middleware does:
 //! after N bytes towards the client or after T, it either resets both sides
-//! (RST, through SO_LINGER 0) or closes them (FIN).
+//! (RST, through SO_LINGER 0) or closes them (FIN). Used by `blob-access demo`,
+//! the benchmarks and the fault-injection tests to cut streams on demand.
+//!
+//! ```
+//! use blob_access::chaos::{Faults, Kill, Proxy};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let upstream = "127.0.0.1:1".parse().unwrap();
+//! let every_100ms = Faults::time(Kill::Rst, std::time::Duration::from_millis(100));
+//! let proxy = Proxy::start(upstream, Some(every_100ms)).await.unwrap();
+//! assert!(proxy.endpoint().starts_with("grpc://127.0.0.1:"));
+//! # });
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,9 +80,10 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    pub async fn start(upstream: SocketAddr, faults: Option<Faults>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    /// Listens on a free loopback port and forwards each connection to `upstream`.
+    pub async fn start(upstream: SocketAddr, faults: Option<Faults>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let faults = Arc::new(Mutex::new(faults));
         let (connections, kills) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (f, c, k) = (faults.clone(), connections.clone(), kills.clone());
@@ -79,7 +91,7 @@ impl Proxy {
             while let Ok((client, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::Relaxed);
                 let plan = {
-                    let mut f = f.lock().unwrap();
+                    let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
                     let plan = *f;
                     match f.as_mut() {
                         Some(p) if p.times > 1 => p.times -= 1,
@@ -98,13 +110,13 @@ impl Proxy {
                 });
             }
         });
-        Proxy {
+        Ok(Proxy {
             addr,
             faults,
             connections,
             kills,
             accept,
-        }
+        })
     }
 
     pub fn endpoint(&self) -> String {
@@ -113,7 +125,7 @@ impl Proxy {
 
     /// Changes the faults of connections accepted from now on.
     pub fn set(&self, faults: Option<Faults>) {
-        *self.faults.lock().unwrap() = faults;
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 }
 
