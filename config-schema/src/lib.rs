@@ -115,6 +115,10 @@ nodes! {
     "grpc" => Grpc(blob_access::grpc::GrpcConfig),
     /// A remote REAPI CAS whose reads resume at `read_offset` when a stream is cut.
     "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig),
+    /// Remembers for `ttl` the digests `find_missing` found present.
+    "existence_caching" => ExistenceCaching(blob_access_decorators::existence_caching::ExistenceCachingConfig<Node>),
+    /// Logs every failed call with its operation, digest, node path, code and duration.
+    "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>),
 }
 
 /// Loads a config file and builds its tree.
