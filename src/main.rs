@@ -54,6 +54,19 @@ enum Command {
         #[arg(required = true)]
         digests: Vec<String>,
     },
+    /// The main job on embedded defaults: a large blob read through a proxy that
+    /// kills connections, once plainly (fails) and once resuming (succeeds).
+    Demo {
+        /// Size of the generated blob in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// The proxy kills each connection after this long...
+        #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+        kill_every: std::time::Duration,
+        /// ...or after this many MiB sent to the client, whichever comes first.
+        #[arg(long, default_value_t = 64)]
+        kill_after_mib: u64,
+    },
     /// Serve a tree as a REAPI CAS (ContentAddressableStorage, ByteStream, Capabilities).
     Serve {
         /// Config of the tree to serve; an in-memory CAS when absent.
@@ -102,6 +115,18 @@ fn main() -> ExitCode {
             } => cmd::transfer::get(&config, &digest, output.as_deref(), &ui).await,
             Command::FindMissing { config, digests } => {
                 cmd::transfer::find_missing(&config, &digests).await
+            }
+            Command::Demo {
+                size_mib,
+                kill_every,
+                kill_after_mib,
+            } => {
+                let opts = cmd::demo::DemoOptions {
+                    size_mib,
+                    every: kill_every,
+                    bytes_mib: kill_after_mib,
+                };
+                cmd::demo::run(opts).await
             }
             Command::Serve { config, listen } => cmd::serve::run(config.as_deref(), &listen).await,
         }

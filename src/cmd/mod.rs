@@ -1,3 +1,4 @@
+pub mod demo;
 pub mod serve;
 pub mod transfer;
 pub mod validate;
