@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a private nginx (not the system service) as an HTTP/2 gRPC reverse proxy for tests.
 #   scripts/nginx.sh start DIR PORT UPSTREAM_PORT  # 127.0.0.1:PORT (h2c) -> grpc://127.0.0.1:UPSTREAM_PORT
-#   scripts/nginx.sh reload DIR                    # SIGHUP: new workers; old ones get 1 s to finish
+#   scripts/nginx.sh reload DIR                    # SIGHUP: new workers; old ones get 200 ms to finish
 #   scripts/nginx.sh stop DIR
 # Everything (config, pid, logs, temp files) lives in DIR.
 set -euo pipefail
@@ -46,8 +46,9 @@ start)
     cat > "$DIR/nginx.conf" <<CONF
 $user_line
 worker_processes 1;
-# On reload/stop, old workers close whatever is still open after 1 s (the behaviour under test).
-worker_shutdown_timeout 1s;
+# On reload/stop, old workers close whatever is still open after 200 ms (the behaviour under
+# test). Short, so that a read lasting more than a reload period plus this is always cut.
+worker_shutdown_timeout 200ms;
 pid $DIR/nginx.pid;
 error_log $DIR/error.log info;
 daemon on;
