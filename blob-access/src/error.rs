@@ -120,6 +120,15 @@ impl From<Error> for tonic::Status {
     }
 }
 
+impl Error {
+    /// An I/O error with what was being done and where, keeping the code its
+    /// kind maps to (e.g. `writing /x/y: No space left on device`).
+    pub fn io(context: impl std::fmt::Display, e: std::io::Error) -> Error {
+        let code = Error::from(std::io::Error::new(e.kind(), "")).code();
+        Error::new(code, format!("{context}: {e}"))
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         use std::io::ErrorKind as K;

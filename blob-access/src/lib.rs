@@ -22,6 +22,7 @@
 pub mod chaos;
 pub mod config_types;
 pub mod digest;
+pub mod disk;
 pub mod error;
 pub mod grpc;
 pub mod memory;

@@ -69,10 +69,7 @@ pub async fn write_to_file(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let io = |what: &str, e: std::io::Error| -> Error {
-        let code = Error::from(std::io::Error::new(e.kind(), "")).code();
-        Error::new(code, format!("{what} {}: {e}", path.display()))
-    };
+    let io = |what: &str, e| Error::io(format_args!("{what} {}", path.display()), e);
     let tmp = tempfile::Builder::new()
         .prefix(".blob-access-")
         .suffix(".tmp")

@@ -111,6 +111,8 @@ impl<'de> serde::Deserialize<'de> for Node {
 nodes! {
     /// An in-memory CAS bounded by size, evicting the least recently used blobs.
     "memory" => Memory(blob_access::memory::MemoryConfig),
+    /// A CAS in a local directory, bounded by size, surviving restarts.
+    "disk" => Disk(blob_access::disk::DiskConfig),
     /// A remote REAPI CAS; a stream cut in the middle fails the read.
     "grpc" => Grpc(blob_access::grpc::GrpcConfig),
     /// A remote REAPI CAS whose reads resume at `read_offset` when a stream is cut.
