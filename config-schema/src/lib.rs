@@ -119,6 +119,8 @@ nodes! {
     "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig),
     /// Remembers for `ttl` the digests `find_missing` found present.
     "existence_caching" => ExistenceCaching(blob_access_decorators::existence_caching::ExistenceCachingConfig<Node>),
+    /// Reads a fast tier first; on a miss streams from the slow one while copying into the fast.
+    "read_caching" => ReadCaching(blob_access_decorators::read_caching::ReadCachingConfig<Node>),
     /// Logs every failed call with its operation, digest, node path, code and duration.
     "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>),
 }

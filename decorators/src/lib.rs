@@ -7,4 +7,5 @@
 
 pub mod error_logging;
 pub mod existence_caching;
+pub mod read_caching;
 pub mod resumable_grpc;
