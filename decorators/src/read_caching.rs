@@ -10,6 +10,8 @@
 //! - Writing into `fast` never fails the caller's read: a failed or slow-to-
 //!   start fast tier is logged and counted. It does slow the caller down when
 //!   it writes slower than `slow` delivers (bounded buffer, no unbounded memory).
+//! - A read's stream ends once the copy into `fast` is stored (or failed),
+//!   so a short-lived process (`blob-access get`) leaves the blob cached.
 //! - A caller that stops reading aborts the copy: `fast` sees a short upload
 //!   and keeps nothing.
 //! - Concurrent misses of one blob fetch it from `slow` once: the others wait
@@ -183,6 +185,7 @@ fn tee_into_fast(
     // Whether the reader stopped before the end: then `fast` fails on a
     // short upload, which is expected and not the fast tier's fault.
     let abandoned = Arc::new(AtomicBool::new(false));
+    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
     {
         let (shared, digest, abandoned) = (shared.clone(), digest.clone(), abandoned.clone());
         let copy = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
@@ -199,16 +202,18 @@ fn tee_into_fast(
                 Ok(()) => {}
             }
             done(result.is_ok());
+            let _ = finished_tx.send(());
         });
     }
     let copy = Copy {
         tx: Some(tx),
         abandoned,
         complete: false,
+        finished: Some(finished_rx),
     };
     futures::stream::unfold((data, copy), |(mut data, mut copy)| async move {
         let Some(item) = data.next().await else {
-            copy.finish();
+            copy.finish().await;
             return None;
         };
         if let Some(sender) = &copy.tx {
@@ -227,11 +232,19 @@ struct Copy {
     tx: Option<tokio::sync::mpsc::Sender<Result<Bytes>>>,
     abandoned: Arc<AtomicBool>,
     complete: bool,
+    finished: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Copy {
-    fn finish(&mut self) {
+    /// Closes the copy and waits until `fast` has stored (or rejected) it,
+    /// so that when a read ends the blob is in `fast`: a CLI `get` that exits
+    /// right after still leaves it cached.
+    async fn finish(&mut self) {
         self.complete = true;
+        self.tx = None;
+        if let Some(finished) = self.finished.take() {
+            let _ = finished.await;
+        }
     }
 }
 
