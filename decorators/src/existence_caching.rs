@@ -13,7 +13,6 @@ use blob_access::{
 };
 use futures::StreamExt;
 use lru::LruCache;
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -54,6 +53,7 @@ pub struct ExistenceCaching {
     name: String,
     backend: Arc<dyn BlobAccess>,
     ttl: std::time::Duration,
+    max_entries: usize,
     /// Digest -> when it was last found present.
     present: Arc<Mutex<LruCache<Digest, Instant>>>,
     counters: Arc<Counters>,
@@ -66,12 +66,14 @@ impl ExistenceCaching {
         ttl: std::time::Duration,
         max_entries: usize,
     ) -> Self {
-        let cap = NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN);
         ExistenceCaching {
             name: name.to_string(),
             backend,
             ttl,
-            present: Arc::new(Mutex::new(LruCache::new(cap))),
+            // Unbounded and trimmed by hand: a bounded LruCache would
+            // allocate room for all `max_entries` up front.
+            present: Arc::new(Mutex::new(LruCache::unbounded())),
+            max_entries: max_entries.max(1),
             counters: Arc::new(Counters::new(COUNTERS)),
         }
     }
@@ -85,6 +87,9 @@ impl ExistenceCaching {
         let mut cache = self.cache();
         for d in digests {
             cache.put(d.clone(), now);
+            if cache.len() > self.max_entries {
+                cache.pop_lru();
+            }
         }
     }
 }
