@@ -75,6 +75,9 @@ enum Command {
         /// `host:port` or `unix:/path`.
         #[arg(short, long)]
         listen: String,
+        /// Also serve Prometheus metrics at `http://ADDR/metrics` (`host:port`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
 }
 
@@ -128,7 +131,11 @@ fn main() -> ExitCode {
                 };
                 cmd::demo::run(opts).await
             }
-            Command::Serve { config, listen } => cmd::serve::run(config.as_deref(), &listen).await,
+            Command::Serve {
+                config,
+                listen,
+                metrics_listen,
+            } => cmd::serve::run(config.as_deref(), &listen, metrics_listen.as_deref()).await,
         }
     });
     match result {

@@ -26,6 +26,7 @@ pub mod disk;
 pub mod error;
 pub mod grpc;
 pub mod memory;
+pub mod metrics;
 pub mod node;
 pub mod resource;
 pub mod server;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default)]
 pub struct BuildContext {
     path: String,
+    metrics: Option<Arc<crate::metrics::CallMetrics>>,
 }
 
 impl BuildContext {
@@ -23,10 +24,29 @@ impl BuildContext {
         } else {
             format!("{}.{segment}", self.path)
         };
-        BuildContext { path }
+        BuildContext {
+            path,
+            metrics: self.metrics.clone(),
+        }
     }
     pub fn path(&self) -> &str {
         &self.path
+    }
+    /// Records the calls of every node built from this context (and its children).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::CallMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+    /// `node` wrapped to record its calls under this context's path, if metrics are on.
+    pub fn instrument(&self, node: Arc<dyn BlobAccess>) -> Arc<dyn BlobAccess> {
+        match &self.metrics {
+            Some(m) => Arc::new(crate::metrics::Instrumented::new(
+                node,
+                &self.path,
+                m.clone(),
+            )),
+            None => node,
+        }
     }
 }
 

@@ -64,7 +64,10 @@ macro_rules! nodes {
 
         impl BuildNode for Node {
             fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
-                match self { $( Node::$variant(c) => c.build(&ctx.child($key)), )* }
+                let (ctx, built) = match self {
+                    $( Node::$variant(c) => { let ctx = ctx.child($key); let b = c.build(&ctx); (ctx, b) } )*
+                };
+                built.map(|node| ctx.instrument(node))
             }
         }
     };

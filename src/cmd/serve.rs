@@ -1,6 +1,7 @@
 //! `serve`: a REAPI CAS in front of any tree, so unmodified build clients gain
 //! what the tree does (resuming reads, caching, logging) without a code change.
 
+use blob_access::metrics::{CallMetrics, NodeCounters};
 use blob_access::server::{self, ServerConfig};
 use blob_access::{BlobAccess, BuildContext, BuildNode};
 use std::path::Path;
@@ -10,17 +11,40 @@ use std::sync::Arc;
 /// The tree served when no `--config` is given.
 const EMBEDDED_DEFAULT: &str = include_str!("../../examples/memory.yaml");
 
-pub async fn run(config: Option<&Path>, listen: &str) -> Result<ExitCode, String> {
+pub async fn run(
+    config: Option<&Path>,
+    listen: &str,
+    metrics_listen: Option<&str>,
+) -> Result<ExitCode, String> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let ctx = match metrics_listen {
+        Some(_) => BuildContext::root().with_metrics(CallMetrics::register(&mut registry)),
+        None => BuildContext::root(),
+    };
     let backend: Arc<dyn BlobAccess> = match config {
-        Some(path) => super::open(path)?,
+        Some(path) => super::open_in(path, &ctx)?,
         None => blob_access_config::load_str(
             EMBEDDED_DEFAULT,
             blob_access_config::Format::Yaml,
             "embedded default",
         )
         .map_err(|e| e.to_string())?
-        .build(&BuildContext::root())
+        .build(&ctx)
         .map_err(|e| e.to_string())?,
+    };
+    // Dropped (and so stopped) when serving ends.
+    let _metrics = match metrics_listen {
+        Some(addr) => {
+            registry.register_collector(Box::new(NodeCounters::new(backend.clone())));
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+            let local = listener.local_addr().map_err(|e| e.to_string())?;
+            eprintln!("blob-access: metrics on http://{local}/metrics");
+            let task = tokio::spawn(super::metrics::serve(Arc::new(registry), listener));
+            Some(AbortOnDrop(task))
+        }
+        None => None,
     };
     let cfg = ServerConfig::default();
     let result = if let Some(path) = listen.strip_prefix("unix:") {
@@ -37,6 +61,14 @@ pub async fn run(config: Option<&Path>, listen: &str) -> Result<ExitCode, String
     };
     result.map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,0 +1,140 @@
+//! `serve --metrics-listen`, scraped during a transfer: a plain client reads a
+//! blob through `serve` whose tree is `resumable_grpc` behind a proxy that
+//! kills connections every 64 MiB.
+
+mod support;
+
+use blob_access::chaos::{Faults, Kill, Proxy};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use support::*;
+
+const SIZE: u64 = 300 << 20;
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of the sample whose line starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_are_scraped_during_a_resumed_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Serve::start(None);
+    let file = random_file(dir.path(), SIZE);
+    let to_origin = grpc_config(dir.path(), "origin.yaml", origin.port);
+    let digest = cli_ok(&[
+        "put",
+        "-q",
+        "--config",
+        to_origin.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    let digest = digest.trim().to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = format!("127.0.0.1:{}", origin.port).parse().unwrap();
+    let proxy = rt
+        .block_on(Proxy::start(
+            upstream,
+            Some(Faults::bytes(Kill::Rst, 64 << 20)),
+        ))
+        .unwrap();
+    let tree = dir.path().join("tree.yaml");
+    std::fs::write(
+        &tree,
+        format!(
+            "resumable_grpc:\n  grpc: {{endpoint: \"{}\"}}\n",
+            proxy.endpoint()
+        ),
+    )
+    .unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut serve = Command::new(bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--config")
+        .arg(&tree)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    wait_for_port(metrics_port);
+
+    let to_serve = grpc_config(dir.path(), "serve.yaml", port);
+    let out = dir.path().join("out");
+    let mut client = Command::new(bin())
+        .args([
+            "get",
+            "-q",
+            "--config",
+            to_serve.to_str().unwrap(),
+            &digest,
+            "-o",
+        ])
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    let read = "blob_access_bytes_total{node=\"resumable_grpc\",direction=\"read\"}";
+    let mut during = Vec::new();
+    while client.try_wait().unwrap().is_none() {
+        during.push(sample(&scrape(metrics_port), read).unwrap_or(0.0));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(client.wait().unwrap().success());
+    assert!(files_equal(&file, &out));
+    // At least one scrape caught the transfer half-way.
+    assert!(
+        during.iter().any(|b| *b > 0.0 && *b < SIZE as f64),
+        "no mid-transfer scrape among {during:?}"
+    );
+
+    let text = scrape(metrics_port);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let get = "{node=\"resumable_grpc\",op=\"get\"}";
+    assert_eq!(sample(&text, read), Some(SIZE as f64), "{text}");
+    assert_eq!(
+        sample(&text, &format!("blob_access_calls_total{get}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("blob_access_call_duration_seconds_count{get}")
+        ),
+        Some(1.0)
+    );
+    let resumptions = sample(
+        &text,
+        "blob_access_resumable_grpc_resumptions_total{node=\"resumable_grpc\"}",
+    )
+    .unwrap();
+    // 300 MiB through a proxy that kills each connection after 64 MiB.
+    assert!(resumptions >= 4.0, "{resumptions} resumptions:\n{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "blob_access_resumable_grpc_give_ups_total{node=\"resumable_grpc\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(!text.contains("blob_access_errors_total{"), "{text}");
+    eprintln!(
+        "scrapes during the transfer: {}, resumptions: {resumptions}",
+        during.len()
+    );
+}
