@@ -10,7 +10,7 @@
 mod common;
 
 use blob_access::disk::DiskBlobAccess;
-use blob_access::{BlobAccess, BuildContext, BuildNode, Digest, ReadRange};
+use blob_access::{BlobAccess, BuildContext, BuildNode, Digest};
 use blob_access_decorators::existence_caching::ExistenceCaching;
 use common::*;
 use futures::StreamExt;
@@ -20,17 +20,6 @@ use std::time::Instant;
 
 fn best_of<F: FnMut() -> f64>(n: usize, mut f: F) -> f64 {
     (0..n).map(|_| f()).fold(f64::MAX, f64::min)
-}
-
-async fn drain(cas: &dyn BlobAccess, digest: &Digest) -> f64 {
-    let start = Instant::now();
-    let mut s = cas.get(digest, ReadRange::FULL);
-    let mut n = 0u64;
-    while let Some(c) = s.next().await {
-        n += c.unwrap().len() as u64;
-    }
-    assert_eq!(n, digest.size_bytes());
-    start.elapsed().as_secs_f64()
 }
 
 fn disk(rt: &tokio::runtime::Runtime, mib: u64) {
@@ -51,7 +40,7 @@ fn disk(rt: &tokio::runtime::Runtime, mib: u64) {
     let sha256sum = best_of(3, || {
         timed_child(Command::new("sha256sum").arg(&object).stdout(null())).0
     });
-    let ours = best_of(3, || rt.block_on(drain(&cas, &digest)));
+    let ours = best_of(3, || rt.block_on(timed_drain(&cas, &digest)));
     let config = dir.path().join("disk.yaml");
     std::fs::write(
         &config,

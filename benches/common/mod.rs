@@ -104,22 +104,7 @@ impl Served {
             "direct.yaml",
             &format!("grpc: {{endpoint: \"grpc://127.0.0.1:{port}\"}}"),
         );
-        let out = Command::new(bin())
-            .args(["put", "-q", "--config"])
-            .arg(&config)
-            .arg(&blob)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        served.digest = String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        served.digest = put_cli(&config, &blob);
         std::fs::remove_file(&blob).unwrap();
         served
     }
@@ -143,11 +128,36 @@ impl Drop for Served {
     }
 }
 
+/// Uploads `file` with `blob-access put --config config` and returns its digest.
+pub fn put_cli(config: &std::path::Path, file: &std::path::Path) -> Digest {
+    let out = Command::new(bin())
+        .args(["put", "-q", "--config"])
+        .arg(config)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Seconds of one full, verified get of `digest` through the tree `yaml`.
 pub async fn timed_get(yaml: &str, digest: &Digest) -> f64 {
     let node =
         blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "bench").unwrap();
     let cas = node.build(&BuildContext::root()).unwrap();
+    timed_drain(&*cas, digest).await
+}
+
+/// Seconds of one full, verified get of `digest` from `cas`.
+pub async fn timed_drain(cas: &dyn blob_access::BlobAccess, digest: &Digest) -> f64 {
     let start = Instant::now();
     let mut s = cas.get(digest, ReadRange::FULL);
     let mut n = 0u64;
