@@ -98,18 +98,7 @@ fn main() {
     .unwrap();
     let blob = dir.path().join("blob");
     write_random(&blob, mib << 20);
-    let out = Command::new(bin())
-        .args(["put", "-q", "--config"])
-        .arg(&direct)
-        .arg(&blob)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let digest = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let digest = put_cli(&direct, &blob).to_string();
     std::fs::remove_file(&blob).unwrap();
 
     let tree = dir.path().join("tree.yaml");
