@@ -67,6 +67,18 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         kill_after_mib: u64,
     },
+    /// Download a REAPI Directory tree into OUTDIR: files (with their executable
+    /// bits) and symlinks, verified, each written atomically.
+    FetchTree {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// `HASH/SIZE` of the root `Directory` message.
+        digest: String,
+        outdir: PathBuf,
+        /// Files downloaded at once.
+        #[arg(short, long, default_value_t = 8)]
+        jobs: usize,
+    },
     /// Serve a tree as a REAPI CAS (ContentAddressableStorage, ByteStream, Capabilities).
     Serve {
         /// Config of the tree to serve; an in-memory CAS when absent.
@@ -134,6 +146,12 @@ fn main() -> ExitCode {
                 };
                 cmd::demo::run(opts).await
             }
+            Command::FetchTree {
+                config,
+                digest,
+                outdir,
+                jobs,
+            } => cmd::fetch_tree::run(&config, &digest, &outdir, jobs, &ui).await,
             Command::Serve {
                 config,
                 listen,

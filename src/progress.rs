@@ -5,13 +5,20 @@ use std::io::IsTerminal;
 
 pub struct Ui {
     show: bool,
+    quiet: bool,
 }
 
 impl Ui {
     pub fn new(quiet: bool) -> Self {
         Ui {
             show: !quiet && std::io::stderr().is_terminal(),
+            quiet,
         }
+    }
+
+    /// Whether `--quiet` asked for no summaries either.
+    pub fn quiet(&self) -> bool {
+        self.quiet
     }
 
     /// A byte-counting bar for one transfer; hidden when not shown.

@@ -1,4 +1,5 @@
 pub mod demo;
+pub mod fetch_tree;
 pub mod metrics;
 pub mod serve;
 pub mod transfer;

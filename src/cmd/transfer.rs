@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio::io::AsyncWriteExt;
 
-fn parse_digest(text: &str) -> Result<Digest, String> {
+pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
     text.parse()
         .map_err(|e| format!("invalid digest {text:?}: {e}"))
 }
