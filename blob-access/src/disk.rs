@@ -11,6 +11,21 @@
 //! Every read is verified, ranged ones too (the whole file is hashed, which
 //! local disks afford). A file that fails verification is deleted and the read
 //! ends with NOT_FOUND, so that a `read_caching` above refetches the blob.
+//!
+//! ```
+//! use blob_access::{disk::DiskBlobAccess, util, BlobAccess, Digest, ReadRange};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let cas = DiskBlobAccess::open("disk", dir.path(), 1 << 30).unwrap();
+//! let digest = Digest::of(b"hello");
+//! cas.put(&digest, util::once("hello".into())).await.unwrap();
+//! drop(cas);
+//! // Reopened, the store still has it.
+//! let cas = DiskBlobAccess::open("disk", dir.path(), 1 << 30).unwrap();
+//! let data = util::read_to_bytes(&cas, &digest, ReadRange::FULL, 1024).await.unwrap();
+//! assert_eq!(&data[..], b"hello");
+//! # });
+//! ```
 
 use crate::config_types::ByteSize;
 use crate::node::Counters;

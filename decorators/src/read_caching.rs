@@ -22,6 +22,22 @@
 //!   out ends that read; the next one refetches.
 //! - `find_missing` asks `slow`, the authority. `put` goes to `slow`, and also
 //!   to `fast` with `write_through: true`.
+//!
+//! ```
+//! use blob_access::{memory::MemoryBlobAccess, util, BlobAccess, Digest, ReadRange};
+//! use blob_access_decorators::read_caching::ReadCaching;
+//! use std::sync::Arc;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let fast = Arc::new(MemoryBlobAccess::new("fast", 1 << 20));
+//! let slow = Arc::new(MemoryBlobAccess::new("slow", 1 << 20));
+//! let digest = Digest::of(b"input");
+//! slow.put(&digest, util::once("input".into())).await.unwrap();
+//! let cache = ReadCaching::new("read_caching", fast.clone(), slow);
+//! util::read_to_bytes(&cache, &digest, ReadRange::FULL, 1024).await.unwrap();
+//! // The read left a copy in the fast tier.
+//! assert!(fast.find_missing(&[digest]).await.unwrap().is_empty());
+//! # });
+//! ```
 
 use blob_access::node::Counters;
 use blob_access::{
