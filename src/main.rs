@@ -90,6 +90,9 @@ enum Command {
         /// Also serve Prometheus metrics at `http://ADDR/metrics` (`host:port`).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
+        /// On SIGINT/SIGTERM, how long running transfers may go on before they are ended.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        shutdown_grace: std::time::Duration,
     },
 }
 
@@ -156,7 +159,15 @@ fn main() -> ExitCode {
                 config,
                 listen,
                 metrics_listen,
-            } => cmd::serve::run(config.as_deref(), &listen, metrics_listen.as_deref()).await,
+                shutdown_grace,
+            } => {
+                let opts = cmd::serve::ServeOptions {
+                    listen,
+                    metrics_listen,
+                    shutdown_grace,
+                };
+                cmd::serve::run(config.as_deref(), &opts).await
+            }
         }
     });
     match result {

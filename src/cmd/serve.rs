@@ -11,11 +11,18 @@ use std::sync::Arc;
 /// The tree served when no `--config` is given.
 const EMBEDDED_DEFAULT: &str = include_str!("../../examples/memory.yaml");
 
-pub async fn run(
-    config: Option<&Path>,
-    listen: &str,
-    metrics_listen: Option<&str>,
-) -> Result<ExitCode, String> {
+/// Where and how to serve.
+pub struct ServeOptions {
+    /// `host:port` or `unix:/path`.
+    pub listen: String,
+    /// `host:port` for Prometheus metrics, if any.
+    pub metrics_listen: Option<String>,
+    /// How long running transfers may go on after a shutdown signal.
+    pub shutdown_grace: std::time::Duration,
+}
+
+pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
+    let (listen, metrics_listen) = (opts.listen.as_str(), opts.metrics_listen.as_deref());
     let mut registry = prometheus_client::registry::Registry::default();
     let ctx = match metrics_listen {
         Some(_) => BuildContext::root().with_metrics(CallMetrics::register(&mut registry)),
@@ -46,7 +53,10 @@ pub async fn run(
         }
         None => None,
     };
-    let cfg = ServerConfig::default();
+    let cfg = ServerConfig {
+        shutdown_grace: opts.shutdown_grace,
+        ..ServerConfig::default()
+    };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
         tracing::info!("serving on unix:{path}");
         eprintln!("blob-access: serving REAPI CAS on unix:{path}");
