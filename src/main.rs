@@ -74,9 +74,11 @@ enum Command {
         config: PathBuf,
         /// `HASH/SIZE` of the root `Directory` message.
         digest: String,
+        /// Created if absent. After a failure it may hold part of the tree, but
+        /// never a partially written file.
         outdir: PathBuf,
-        /// Files downloaded at once.
-        #[arg(short, long, default_value_t = 8)]
+        /// Files (and Directory messages) downloaded at once.
+        #[arg(short, long, default_value_t = 8, value_parser = at_least_one)]
         jobs: usize,
     },
     /// Serve a tree as a REAPI CAS (ContentAddressableStorage, ByteStream, Capabilities).
@@ -94,6 +96,15 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_grace: std::time::Duration,
     },
+}
+
+/// A count such as `--jobs`: 1 or more.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn init_logging(verbose: u8) {

@@ -1,5 +1,6 @@
 //! `blob-access fetch-tree` against `serve` over memory: files, executable
-//! bits, symlinks, nested directories; a missing blob and a hostile name.
+//! bits, symlinks, nested directories, identical blobs; a missing blob, hostile
+//! names and a symlink left in OUTDIR.
 
 mod support;
 
@@ -8,21 +9,62 @@ use blob_access::{util, BlobAccess, BuildContext, BuildNode, Digest};
 use bytes::Bytes;
 use prost::Message;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use support::*;
+
+/// `blob-access serve` (memory) on a unix socket in the test's own directory:
+/// unlike a TCP port, it cannot be taken by a server of another test.
+struct UnixServe(Child);
+
+impl UnixServe {
+    fn start(socket: &Path) -> UnixServe {
+        let child = Command::new(bin())
+            .args(["serve", "--listen"])
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut serve = UnixServe(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(serve.0.try_wait().unwrap().is_none(), "serve exited");
+            assert!(Instant::now() < deadline, "serve does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+}
+
+impl Drop for UnixServe {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 struct Cas {
     rt: tokio::runtime::Runtime,
     cas: Arc<dyn BlobAccess>,
-    config: std::path::PathBuf,
-    _serve: Serve,
+    config: PathBuf,
+    _serve: UnixServe,
 }
 
 impl Cas {
     fn start(dir: &Path) -> Cas {
-        let serve = Serve::start(None);
-        let config = grpc_config(dir, "c.yaml", serve.port);
+        let socket = dir.join("cas.sock");
+        let serve = UnixServe::start(&socket);
+        let config = dir.join("c.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc:\n  endpoint: \"unix:{}\"\n  instance_name: \"\"\n",
+                socket.display()
+            ),
+        )
+        .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let node = blob_access_config::load_file(&config).unwrap();
         let cas = rt
@@ -46,14 +88,15 @@ impl Cas {
     fn put_dir(&self, dir: &Directory) -> Digest {
         self.put(dir.encode_to_vec())
     }
-    fn fetch(&self, root: &Digest, out: &Path) -> std::process::Output {
-        cli(&[
-            "fetch-tree",
-            "--config",
-            self.config.to_str().unwrap(),
-            &root.to_string(),
-            out.to_str().unwrap(),
-        ])
+    fn fetch_with(&self, root: &Digest, out: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["fetch-tree", "--config", self.config.to_str().unwrap()];
+        args.extend(extra);
+        let root = root.to_string();
+        args.extend([root.as_str(), out.to_str().unwrap()]);
+        cli(&args)
+    }
+    fn fetch(&self, root: &Digest, out: &Path) -> Output {
+        self.fetch_with(root, out, &[])
     }
 }
 
@@ -70,6 +113,14 @@ fn dir(name: &str, d: &Digest) -> DirectoryNode {
     DirectoryNode {
         name: name.into(),
         digest: Some(d.to_proto()),
+    }
+}
+
+fn symlink(name: &str, target: &str) -> SymlinkNode {
+    SymlinkNode {
+        name: name.into(),
+        target: target.into(),
+        ..Default::default()
     }
 }
 
@@ -101,11 +152,7 @@ fn tree(cas: &Cas, big: &[u8], upload_big: bool) -> Digest {
     cas.put_dir(&Directory {
         files: vec![file("a.txt", &hello, false)],
         directories: vec![dir("bin", &bin), dir("sub", &sub)],
-        symlinks: vec![SymlinkNode {
-            name: "link".into(),
-            target: "a.txt".into(),
-            ..Default::default()
-        }],
+        symlinks: vec![symlink("link", "a.txt")],
         ..Default::default()
     })
 }
@@ -114,29 +161,101 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// No temp file left anywhere under `dir`.
+fn assert_no_temp_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.ends_with(".tmp"),
+            "left behind: {}",
+            e.path().display()
+        );
+        if e.file_type().unwrap().is_dir() {
+            assert_no_temp_files(&e.path());
+        }
+    }
+}
+
 #[test]
 fn fetches_files_modes_symlinks_and_nested_directories() {
     let tmp = tempfile::tempdir().unwrap();
     let cas = Cas::start(tmp.path());
     let big = std::fs::read(random_file(tmp.path(), 3 << 20)).unwrap();
     let root = tree(&cas, &big, true);
-    let out = tmp.path().join("out");
+    let out = tmp.path().join("out/not/yet/there");
     let o = cas.fetch(&root, &out);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
 
     assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"hello\n");
     assert_eq!(mode(&out.join("a.txt")), 0o644);
+    assert_eq!(
+        std::fs::read(out.join("bin/run.sh")).unwrap(),
+        b"#!/bin/sh\necho hi\n"
+    );
     assert_eq!(mode(&out.join("bin/run.sh")), 0o755);
-    assert_eq!(std::fs::read(out.join("sub/deeper/big.bin")).unwrap(), big);
+    assert!(std::fs::read(out.join("sub/deeper/big.bin")).unwrap() == big);
+    assert_eq!(mode(&out.join("sub/deeper/big.bin")), 0o644);
     assert_eq!(std::fs::read(out.join("sub/deeper/empty")).unwrap(), b"");
     assert_eq!(
         std::fs::read_link(out.join("link")).unwrap(),
         Path::new("a.txt")
     );
-    let summary = String::from_utf8_lossy(&o.stderr);
-    assert!(summary.contains("4 directories, 4 files"), "{summary}");
-    // Fetching again over the result replaces it in place.
-    assert!(cas.fetch(&root, &out).status.success());
+    assert_eq!(std::fs::read(out.join("link")).unwrap(), b"hello\n");
+    assert_no_temp_files(&out);
+    let summary = stderr(&o);
+    assert!(
+        summary.contains("4 directories, 4 files")
+            && summary.contains(&format!("{} bytes", big.len() + 6 + 18))
+            && summary.contains("1 symlinks"),
+        "{summary}"
+    );
+    // Fetching again over the result replaces it in place, with one job at a time.
+    let o = cas.fetch_with(&root, &out, &["--jobs", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(out.join("sub/deeper/big.bin")).unwrap() == big);
+}
+
+#[test]
+fn identical_files_and_directories_are_fetched_once_and_copied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    let data = cas.put(&b"same bytes"[..]);
+    let inner = cas.put_dir(&Directory {
+        files: vec![file("exe", &data, true), file("plain", &data, false)],
+        ..Default::default()
+    });
+    let root = cas.put_dir(&Directory {
+        files: vec![file("top", &data, false)],
+        directories: vec![dir("x", &inner), dir("y", &inner)],
+        ..Default::default()
+    });
+    let out = tmp.path().join("out");
+    let o = cas.fetch(&root, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (path, m) in [
+        ("top", 0o644),
+        ("x/exe", 0o755),
+        ("x/plain", 0o644),
+        ("y/exe", 0o755),
+        ("y/plain", 0o644),
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(path)).unwrap(),
+            b"same bytes",
+            "{path}"
+        );
+        assert_eq!(mode(&out.join(path)), m, "{path}");
+    }
+    let summary = stderr(&o);
+    assert!(
+        summary.contains("3 directories, 5 files (50 bytes in 1 distinct blobs)"),
+        "{summary}"
+    );
+    assert_no_temp_files(&out);
 }
 
 #[test]
@@ -147,18 +266,26 @@ fn a_missing_blob_fails_naming_its_path_and_leaves_no_partial_file() {
     let root = tree(&cas, &big, false);
     let out = tmp.path().join("out");
     let o = cas.fetch(&root, &out);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(!o.status.success());
+    assert!(err.starts_with("blob-access: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("sub/deeper/big.bin"), "{err}");
-    assert!(err.contains(Digest::of(&big).hash()), "{err}");
+    assert!(err.contains(&Digest::of(&big).to_string()), "{err}");
     assert!(!out.join("sub/deeper/big.bin").exists());
-    let leftovers: Vec<_> = std::fs::read_dir(out.join("sub/deeper"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .filter(|n| n.to_string_lossy().contains(".tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!out.join("link").exists(), "symlinks come after all files");
+    assert_no_temp_files(&out);
+
+    // A missing Directory message: the error names the directory and its digest.
+    let absent = Digest::of(&b"not uploaded"[..]);
+    let root = cas.put_dir(&Directory {
+        directories: vec![dir("d", &absent)],
+        ..Default::default()
+    });
+    let o = cas.fetch(&root, &tmp.path().join("out2"));
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("d (directory {absent})")), "{err}");
 }
 
 #[test]
@@ -166,21 +293,92 @@ fn entry_names_that_escape_the_output_directory_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let cas = Cas::start(tmp.path());
     let evil = cas.put(&b"owned"[..]);
-    for name in ["..", "a/../../b", ""] {
-        let root = cas.put_dir(&Directory {
-            files: vec![file(name, &evil, false)],
-            ..Default::default()
-        });
-        let out = tmp.path().join("out");
-        let o = cas.fetch(&root, &out);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{name:?} accepted");
-        assert!(err.contains("invalid entry name"), "{err}");
+    let empty_dir = cas.put_dir(&Directory::default());
+    let out = tmp.path().join("out");
+    for name in ["..", ".", "a/../../b", "/etc/x", ""] {
+        for root in [
+            Directory {
+                files: vec![file(name, &evil, false)],
+                ..Default::default()
+            },
+            Directory {
+                directories: vec![dir(name, &empty_dir)],
+                ..Default::default()
+            },
+            Directory {
+                symlinks: vec![symlink(name, "/etc")],
+                ..Default::default()
+            },
+        ] {
+            let o = cas.fetch(&cas.put_dir(&root), &out);
+            let err = stderr(&o);
+            assert!(!o.status.success(), "{name:?} accepted");
+            assert!(err.contains("invalid entry name"), "{err}");
+        }
     }
     assert!(!tmp.path().join("b").exists());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+
+    // The same name twice in one directory.
+    let root = cas.put_dir(&Directory {
+        files: vec![file("x", &evil, false)],
+        symlinks: vec![symlink("x", "/etc")],
+        ..Default::default()
+    });
+    let o = cas.fetch(&root, &out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("appears twice"), "{}", stderr(&o));
+
     // Not a Directory message at all.
     let junk = cas.put(&b"\xff\xff\xff"[..]);
     let o = cas.fetch(&junk, &tmp.path().join("out2"));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("not a Directory message"), "{err}");
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not a Directory message") && err.contains(&junk.to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_symlink_left_in_outdir_is_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("d")).unwrap();
+    let data = cas.put(&b"data"[..]);
+    let d = cas.put_dir(&Directory {
+        files: vec![file("f", &data, false)],
+        ..Default::default()
+    });
+    let root = cas.put_dir(&Directory {
+        directories: vec![dir("d", &d)],
+        ..Default::default()
+    });
+    let o = cas.fetch(&root, &out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
+
+#[test]
+fn quiet_prints_nothing_and_jobs_must_be_positive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    let data = cas.put(&b"q"[..]);
+    let root = cas.put_dir(&Directory {
+        files: vec![file("q", &data, false)],
+        ..Default::default()
+    });
+    let out = tmp.path().join("out");
+    let o = cas.fetch_with(&root, &out, &["--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty() && o.stdout.is_empty(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("q")).unwrap(), b"q");
+
+    let o = cas.fetch_with(&root, &out, &["--jobs", "0"]);
+    assert!(!o.status.success());
 }
