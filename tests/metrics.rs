@@ -6,7 +6,7 @@ mod support;
 
 use blob_access::chaos::{Faults, Kill, Proxy};
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use support::*;
 
 const SIZE: u64 = 300 << 20;
@@ -62,16 +62,8 @@ fn metrics_are_scraped_during_a_resumed_transfer() {
         ),
     )
     .unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let mut serve = Command::new(bin())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-        .arg("--config")
-        .arg(&tree)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port);
+    let serve = Serve::start_with(Some(&tree), &["--metrics-listen", "127.0.0.1:0"]);
+    let (port, metrics_port) = (serve.port, serve.metrics_port.unwrap());
     wait_for_port(metrics_port);
 
     let to_serve = grpc_config(dir.path(), "serve.yaml", port);
@@ -103,8 +95,7 @@ fn metrics_are_scraped_during_a_resumed_transfer() {
     );
 
     let text = scrape(metrics_port);
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
     let get = "{node=\"resumable_grpc\",op=\"get\"}";
     assert_eq!(sample(&text, read), Some(SIZE as f64), "{text}");
     assert_eq!(

@@ -133,19 +133,55 @@ impl Drop for Nginx {
 pub struct Serve {
     child: Child,
     pub port: u16,
+    pub metrics_port: Option<u16>,
 }
 
 impl Serve {
+    /// Starts `serve` on a port it picks itself (`127.0.0.1:0`) and reads the
+    /// port from its "serving ... on ADDR" line: no window in which another
+    /// process could take a port chosen in advance.
     pub fn start(config: Option<&Path>) -> Serve {
-        let port = free_port();
+        Self::start_with(config, &[])
+    }
+
+    /// As `start`, with more arguments; `--metrics-listen 127.0.0.1:0` sets
+    /// `metrics_port` from its line.
+    pub fn start_with(config: Option<&Path>, args: &[&str]) -> Serve {
+        use std::io::BufRead;
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let port_in = |l: &str, after: &str| -> Option<u16> {
+            let addr = l.split(after).nth(1)?.trim_end_matches("/metrics");
+            addr.rsplit(':').next()?.trim().parse().ok()
+        };
+        let mut metrics_port = None;
+        let port = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .inspect(|l| eprintln!("{l}"))
+            .inspect(|l| metrics_port = metrics_port.or(port_in(l, "metrics on http://")))
+            .find_map(|l| {
+                let addr = l.split("serving REAPI CAS on ").nth(1)?;
+                addr.rsplit(':').next()?.trim().parse::<u16>().ok()
+            })
+            .expect("serve exited before listening");
+        // Keep forwarding its log, or it would block on a full pipe.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
         wait_for_port(port);
-        Serve { child, port }
+        Serve {
+            child,
+            port,
+            metrics_port,
+        }
     }
 }
 
