@@ -201,8 +201,7 @@ fn tee_into_fast(
     // Whether the reader stopped before the end: then `fast` fails on a
     // short upload, which is expected and not the fast tier's fault.
     let abandoned = Arc::new(AtomicBool::new(false));
-    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
-    {
+    let put = {
         let (shared, digest, abandoned) = (shared.clone(), digest.clone(), abandoned.clone());
         let copy = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
         tokio::spawn(async move {
@@ -218,14 +217,13 @@ fn tee_into_fast(
                 Ok(()) => {}
             }
             done(result.is_ok());
-            let _ = finished_tx.send(());
-        });
-    }
+        })
+    };
     let copy = Copy {
         tx: Some(tx),
         abandoned,
         complete: false,
-        finished: Some(finished_rx),
+        put: Some(put),
     };
     futures::stream::unfold((data, copy), |(mut data, mut copy)| async move {
         let Some(item) = data.next().await else {
@@ -248,7 +246,8 @@ struct Copy {
     tx: Option<tokio::sync::mpsc::Sender<Result<Bytes>>>,
     abandoned: Arc<AtomicBool>,
     complete: bool,
-    finished: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The task putting the copy into `fast` (dropping the handle does not stop it).
+    put: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Copy {
@@ -258,20 +257,20 @@ impl Copy {
     async fn finish(&mut self) {
         self.complete = true;
         self.tx = None;
-        if let Some(finished) = self.finished.take() {
-            let _ = finished.await;
+        if let Some(put) = self.put.take() {
+            let _ = put.await;
         }
     }
 }
 
 impl Drop for Copy {
     fn drop(&mut self) {
-        // Flag first, then close the channel, so `fast` never sees the end
-        // of an abandoned copy before the flag.
+        // Runs before the fields are dropped: the flag is set before `tx`
+        // closes the channel, so `fast` never sees the end of an abandoned
+        // copy before the flag.
         if !self.complete {
             self.abandoned.store(true, Ordering::Release);
         }
-        self.tx = None;
     }
 }
 
