@@ -59,10 +59,43 @@ impl BuildNode for DiskConfig {
     }
 }
 
-/// Digest -> size, in recency order, and the total.
+/// The stored digests in recency order (a digest names its size), and the total.
 struct Index {
-    lru: LruCache<Digest, u64>,
+    lru: LruCache<Digest, ()>,
     size: u64,
+}
+
+impl Index {
+    /// Whether `d` is stored; marks it used.
+    fn touch(&mut self, d: &Digest) -> bool {
+        self.lru.get(d).is_some()
+    }
+
+    fn insert(&mut self, d: Digest) {
+        let size = d.size_bytes();
+        if self.lru.put(d, ()).is_none() {
+            self.size += size;
+        }
+    }
+
+    fn remove(&mut self, d: &Digest) {
+        if self.lru.pop(d).is_some() {
+            self.size -= d.size_bytes();
+        }
+    }
+
+    /// Forgets the least recently used digests beyond `max_size`, returning them.
+    fn over(&mut self, max_size: u64) -> Vec<Digest> {
+        let mut out = Vec::new();
+        while self.size > max_size {
+            let Some((d, ())) = self.lru.pop_lru() else {
+                break;
+            };
+            self.size -= d.size_bytes();
+            out.push(d);
+        }
+        out
+    }
 }
 
 /// See the module documentation.
@@ -132,8 +165,7 @@ impl DiskBlobAccess {
             size: 0,
         };
         for (_, d) in found {
-            index.size += d.size_bytes();
-            index.lru.put(d.clone(), d.size_bytes());
+            index.insert(d);
         }
         let disk = DiskBlobAccess {
             inner: Arc::new(Inner {
@@ -179,24 +211,19 @@ impl Inner {
 
     /// Forgets `digest` and deletes its file.
     fn remove(&self, digest: &Digest) {
-        let mut index = self.index();
-        if let Some(size) = index.lru.pop(digest) {
-            index.size -= size;
-        }
+        self.index().remove(digest);
         let _ = std::fs::remove_file(self.path_of(digest));
     }
 
     fn evict(&self) {
-        let mut index = self.index();
-        while index.size > self.max_size {
-            let Some((d, size)) = index.lru.pop_lru() else {
-                break;
-            };
-            index.size -= size;
+        // Files are deleted after the lock is released: readers and writers
+        // of other blobs need not wait for the unlinks.
+        let evicted = self.index().over(self.max_size);
+        for d in &evicted {
             // Readers that have the file open keep reading it (unlink semantics).
-            let _ = std::fs::remove_file(self.path_of(&d));
-            self.counters.inc("evictions");
+            let _ = std::fs::remove_file(self.path_of(d));
         }
+        self.counters.add("evictions", evicted.len() as u64);
     }
 
     /// Writes a verified blob to a temp file, fsyncs it and renames it into place.
@@ -311,7 +338,7 @@ impl BlobAccess for DiskBlobAccess {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
         let inner = self.inner.clone();
         inner.counters.inc("gets");
-        let known = inner.index().lru.get(digest).is_some();
+        let known = inner.index().touch(digest);
         if !known {
             let e = inner.error(Error::not_found("blob not found"), digest);
             return futures::stream::once(async move { Err(e) }).boxed();
@@ -353,7 +380,7 @@ impl BlobAccess for DiskBlobAccess {
             ));
         }
         let mut verified = verify(digest, ReadRange::FULL, &inner.name, data);
-        if inner.index().lru.get(digest).is_some() {
+        if inner.index().touch(digest) {
             // Already stored; still drain and check the upload so a bad one is reported.
             while let Some(c) = verified.next().await {
                 c?;
@@ -376,12 +403,7 @@ impl BlobAccess for DiskBlobAccess {
         writer
             .await
             .map_err(|e| inner.error(Error::internal(format!("writer task: {e}")), digest))??;
-        {
-            let mut index = inner.index();
-            if index.lru.put(digest.clone(), digest.size_bytes()).is_none() {
-                index.size += digest.size_bytes();
-            }
-        }
+        inner.index().insert(digest.clone());
         inner.counters.add("bytes_written", digest.size_bytes());
         inner.evict();
         Ok(())
@@ -389,10 +411,10 @@ impl BlobAccess for DiskBlobAccess {
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut index = self.inner.index();
-        // `get` refreshes recency: a blob a build asks about is likely to be read.
+        // Asking marks a blob used: a blob a build asks about is likely to be read.
         Ok(digests
             .iter()
-            .filter(|d| index.lru.get(*d).is_none())
+            .filter(|d| !index.touch(d))
             .cloned()
             .collect())
     }
