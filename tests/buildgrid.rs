@@ -49,9 +49,7 @@ fn cross_check(port: u16, url: &str, dir: &Path) {
     for &size in SIZES {
         let file = random_file(dir, size);
         // We write, bgd reads.
-        let digest = cli_ok(&["put", "--config", c, file.to_str().unwrap()])
-            .trim()
-            .to_string();
+        let digest = put_cli(&config, &file);
         assert_eq!(
             cli_ok(&["find-missing", "--config", c, &digest]),
             "",
@@ -65,14 +63,14 @@ fn cross_check(port: u16, url: &str, dir: &Path) {
         );
         // We read what we wrote.
         let ours = dir.join(format!("ours-{port}-{size}"));
-        cli_ok(&["get", "--config", c, &digest, "-o", ours.to_str().unwrap()]);
+        get_cli(&config, &digest, &ours);
         assert!(files_equal(&file, &ours), "size {size}");
     }
     // bgd writes, we read.
     let other = random_file(dir, 3 << 20 | 7);
     let digest = bgd_upload(url, &other);
     let ours = dir.join(format!("from-bgd-{port}"));
-    cli_ok(&["get", "--config", c, &digest, "-o", ours.to_str().unwrap()]);
+    get_cli(&config, &digest, &ours);
     assert!(files_equal(&other, &ours));
 }
 
@@ -103,14 +101,9 @@ fn round_trips_through_serve_in_front_of_buildgrid() {
     // What went through `serve` landed in BuildGrid: bgd reads it there directly.
     let file = random_file(dir.path(), 5 << 20);
     let via_serve = grpc_config(dir.path(), "via.yaml", serve.port);
-    let digest = cli_ok(&[
-        "put",
-        "--config",
-        via_serve.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
+    let digest = put_cli(&via_serve, &file);
     let direct = dir.path().join("direct");
-    bgd_download(&bg.url(), digest.trim(), &direct);
+    bgd_download(&bg.url(), &digest, &direct);
     assert!(files_equal(&file, &direct));
 }
 

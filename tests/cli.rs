@@ -26,13 +26,11 @@ fn put_get_find_missing_round_trips() {
             want,
             "the empty blob is never missing"
         );
-        let digest = cli_ok(&["put", "--config", c, file.to_str().unwrap()])
-            .trim()
-            .to_string();
+        let digest = put_cli(&config, &file);
         assert_eq!(digest, expected_digest(&file), "size {size}");
         assert_eq!(cli_ok(&["find-missing", "--config", c, &digest]), "");
         let out = dir.path().join(format!("out-{size}"));
-        cli_ok(&["get", "--config", c, &digest, "-o", out.to_str().unwrap()]);
+        get_cli(&config, &digest, &out);
         assert!(files_equal(&file, &out), "size {size}");
         if size < 2 << 20 {
             let out = cli(&["get", "--config", c, &digest]);

@@ -22,30 +22,18 @@ fn client_cache_serves_from_disk_once_the_remote_is_gone() {
         )
         .replace("/tmp/blob-access-cache", cache.to_str().unwrap());
     assert_ne!(yaml, example, "the example's endpoint or path changed");
-    let config = dir.path().join("client-cache.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let config = config.to_str().unwrap();
+    let config_path = dir.path().join("client-cache.yaml");
+    std::fs::write(&config_path, yaml).unwrap();
+    let config = config_path.to_str().unwrap();
 
     let file = random_file(dir.path(), 20 << 20);
     let direct = grpc_config(dir.path(), "direct.yaml", bg.port);
-    let digest = cli_ok(&[
-        "put",
-        "--config",
-        direct.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
-    let digest = digest.trim();
+    let digest = put_cli(&direct, &file);
+    let digest = digest.as_str();
 
     // First read: from BuildGrid, copied into the disk tier on the way.
     let first = dir.path().join("first");
-    cli_ok(&[
-        "get",
-        "--config",
-        config,
-        digest,
-        "-o",
-        first.to_str().unwrap(),
-    ]);
+    get_cli(&config_path, digest, &first);
     assert!(files_equal(&file, &first));
     let (hash, size) = digest.split_once('/').unwrap();
     let on_disk = cache.join(format!("objects/sha256/{}/{hash}-{size}", &hash[..2]));
@@ -74,14 +62,7 @@ fn client_cache_serves_from_disk_once_the_remote_is_gone() {
     // BuildGrid gone: the cached blob is still served, verified, from disk.
     bg.stop();
     let second = dir.path().join("second");
-    cli_ok(&[
-        "get",
-        "--config",
-        config,
-        digest,
-        "-o",
-        second.to_str().unwrap(),
-    ]);
+    get_cli(&config_path, digest, &second);
     assert!(files_equal(&file, &second));
 
     // An uncached blob now fails, naming the blob, and leaves no file.

@@ -36,14 +36,7 @@ fn metrics_are_scraped_during_a_resumed_transfer() {
     let origin = Serve::start(None);
     let file = random_file(dir.path(), SIZE);
     let to_origin = grpc_config(dir.path(), "origin.yaml", origin.port);
-    let digest = cli_ok(&[
-        "put",
-        "-q",
-        "--config",
-        to_origin.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
-    let digest = digest.trim().to_string();
+    let digest = put_cli(&to_origin, &file);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let upstream = format!("127.0.0.1:{}", origin.port).parse().unwrap();

@@ -61,13 +61,8 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     let dir = tempfile::tempdir().unwrap();
     let file = random_file(dir.path(), SIZE);
     let direct = grpc_config(dir.path(), "direct.yaml", bg.port);
-    let digest = cli_ok(&[
-        "put",
-        "--config",
-        direct.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
-    let digest = digest.trim();
+    let digest = put_cli(&direct, &file);
+    let digest = digest.as_str();
 
     // Plain grpc through nginx: the stream is cut and the read fails. Only a
     // read ending within 400 ms (next reload, then the shutdown timeout) can

@@ -245,6 +245,29 @@ pub fn cli_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `put --config config file`, which must succeed; returns `HASH/SIZE`.
+pub fn put_cli(config: &Path, file: &Path) -> String {
+    let out = cli_ok(&[
+        "put".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        file.as_os_str(),
+    ]);
+    out.trim().to_string()
+}
+
+/// `get --config config digest -o out`, which must succeed.
+pub fn get_cli(config: &Path, digest: &str, out: &Path) {
+    cli_ok(&[
+        "get".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        digest.as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+}
+
 pub fn files_equal(a: &Path, b: &Path) -> bool {
     let (fa, fb) = (
         std::fs::File::open(a).unwrap(),
