@@ -14,13 +14,9 @@ use blob_access::{BlobAccess, BuildContext, BuildNode, Digest};
 use blob_access_decorators::existence_caching::ExistenceCaching;
 use common::*;
 use futures::StreamExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
-
-fn best_of<F: FnMut() -> f64>(n: usize, mut f: F) -> f64 {
-    (0..n).map(|_| f()).fold(f64::MAX, f64::min)
-}
 
 fn disk(rt: &tokio::runtime::Runtime, mib: u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -50,14 +46,7 @@ fn disk(rt: &tokio::runtime::Runtime, mib: u64) {
     drop(cas);
     let mut rss = 0.0;
     let cli = best_of(3, || {
-        let (secs, peak) = timed_child(
-            Command::new(bin())
-                .args(["get", "-q", "--config"])
-                .arg(&config)
-                .arg(digest.to_string())
-                .stdout(null())
-                .stderr(Stdio::inherit()),
-        );
+        let (secs, peak) = timed_cli_get(&config, &digest);
         rss = peak;
         secs
     });

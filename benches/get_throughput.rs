@@ -110,13 +110,7 @@ fn main() {
         rate(secs),
         rss
     );
-    let (secs, rss) = timed_child(
-        Command::new(bin())
-            .args(["get", "-q", "--config"])
-            .arg(&config)
-            .arg(digest.to_string())
-            .stdout(std::fs::File::create("/dev/null").unwrap()),
-    );
+    let (secs, rss) = timed_cli_get(&config, &digest);
     println!(
         "cli get > /dev/null:           {:.2}s {:.0} MiB/s, peak RSS {:.1} MiB",
         secs,

@@ -11,7 +11,6 @@ mod common;
 
 use blob_access::chaos::{Faults, Kill, Proxy};
 use common::*;
-use std::process::Command;
 use std::time::Duration;
 
 fn resumable(port: u16) -> String {
@@ -75,13 +74,7 @@ fn main() {
 
     proxy.set(Some(Faults::time(Kill::Rst, Duration::from_secs(1))));
     let config = served.config("resumable.yaml", &yaml);
-    let (secs, rss) = timed_child(
-        Command::new(bin())
-            .args(["get", "-q", "--config"])
-            .arg(&config)
-            .arg(digest.to_string())
-            .stdout(std::fs::File::create("/dev/null").unwrap()),
-    );
+    let (secs, rss) = timed_cli_get(&config, &digest);
     println!(
         "cli get > /dev/null, killed each 1 s: {secs:.2}s {:.0} MiB/s, peak RSS {rss:.1} MiB (goal <= 64 MiB)",
         rate(secs)

@@ -44,10 +44,6 @@ impl Drop for Killed {
     }
 }
 
-fn best_of_3(mut f: impl FnMut() -> f64) -> f64 {
-    (0..3).map(|_| f()).fold(f64::MAX, f64::min)
-}
-
 fn bgd_download(bgd: &Path, port: u16, digest: &str, out: &Path) -> f64 {
     let start = Instant::now();
     let o = Command::new(bgd)
@@ -130,20 +126,9 @@ fn main() {
     .unwrap();
 
     let out_file = dir.path().join("out");
-    let bgd_direct = best_of_3(|| bgd_download(&bgd, bg_port, &digest, &out_file));
-    let bgd_serve = best_of_3(|| bgd_download(&bgd, serve_port, &digest, &out_file));
-    let ours = |config: &Path| {
-        best_of_3(|| {
-            let (secs, _) = timed_child(
-                Command::new(bin())
-                    .args(["get", "-q", "--config"])
-                    .arg(config)
-                    .arg(&digest)
-                    .stdout(std::fs::File::create("/dev/null").unwrap()),
-            );
-            secs
-        })
-    };
+    let bgd_direct = best_of(3, || bgd_download(&bgd, bg_port, &digest, &out_file));
+    let bgd_serve = best_of(3, || bgd_download(&bgd, serve_port, &digest, &out_file));
+    let ours = |config: &Path| best_of(3, || timed_cli_get(config, &digest).0);
     let (get_direct, get_serve) = (ours(&direct), ours(&via_serve));
     let rate = |s: f64| mib as f64 / s;
     println!("{mib} MiB blob from BuildGrid 0.4.4 (disk CAS), loopback, best of 3:");

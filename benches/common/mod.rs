@@ -73,6 +73,22 @@ pub fn timed_child(cmd: &mut Command) -> (f64, f64) {
     (start.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0)
 }
 
+/// `blob-access get -q --config config DIGEST >/dev/null`: (seconds, peak RSS in MiB).
+pub fn timed_cli_get(config: &std::path::Path, digest: impl std::fmt::Display) -> (f64, f64) {
+    timed_child(
+        Command::new(bin())
+            .args(["get", "-q", "--config"])
+            .arg(config)
+            .arg(digest.to_string())
+            .stdout(std::fs::File::create("/dev/null").unwrap()),
+    )
+}
+
+/// The smallest of `n` measurements.
+pub fn best_of(n: usize, mut f: impl FnMut() -> f64) -> f64 {
+    (0..n).map(|_| f()).fold(f64::MAX, f64::min)
+}
+
 /// `blob-access serve` over the embedded in-memory CAS, holding one random blob.
 pub struct Served {
     child: Child,
