@@ -55,27 +55,18 @@ fn cut(size: usize) -> u64 {
 async fn retriable_statuses_and_early_ends_are_resumed() {
     for zstd in [false, true] {
         let s = setup(zstd, Options::default(), &SIZES).await;
-        let mut faults: Vec<fn(u64) -> Fault> = vec![|after| Fault::EarlyEnd { after }];
-        faults.push(|after| Fault::Status {
-            after,
-            code: Code::Unavailable,
-        });
-        faults.push(|after| Fault::Status {
-            after,
-            code: Code::Cancelled,
-        });
-        faults.push(|after| Fault::Status {
-            after,
-            code: Code::DeadlineExceeded,
-        });
-        faults.push(|after| Fault::Status {
-            after,
-            code: Code::Aborted,
-        });
-        faults.push(|after| Fault::Status {
-            after,
-            code: Code::ResourceExhausted,
-        });
+        let retriable = [
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::ResourceExhausted,
+        ];
+        let mut faults: Vec<Box<dyn Fn(u64) -> Fault>> =
+            vec![Box::new(|after| Fault::EarlyEnd { after })];
+        for code in retriable {
+            faults.push(Box::new(move |after| Fault::Status { after, code }));
+        }
         for make in faults {
             for (d, data) in &s.blobs {
                 let fault = make(cut(data.len()));
