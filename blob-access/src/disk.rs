@@ -29,7 +29,7 @@
 
 use crate::config_types::ByteSize;
 use crate::node::Counters;
-use crate::util::CHUNK_SIZE;
+use crate::util::{failed, CHUNK_SIZE};
 use crate::verify::{verify, verify_range_of_full};
 use crate::{
     BlobAccess, BlobStream, BuildContext, BuildNode, Code, Digest, DigestFunction, Error,
@@ -341,7 +341,7 @@ impl BlobAccess for DiskBlobAccess {
         let known = inner.index().touch(digest);
         if !known {
             let e = inner.error(Error::not_found("blob not found"), digest);
-            return futures::stream::once(async move { Err(e) }).boxed();
+            return failed(e);
         }
         let d = digest.clone();
         let data = read_file(inner.path_of(digest));

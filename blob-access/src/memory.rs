@@ -3,7 +3,7 @@
 
 use crate::config_types::ByteSize;
 use crate::node::Counters;
-use crate::util::{chunked, CHUNK_SIZE};
+use crate::util::{chunked, failed, CHUNK_SIZE};
 use crate::verify::verify;
 use crate::{
     BlobAccess, BlobStream, BuildContext, BuildNode, Digest, Error, NodeMetrics, ReadRange, Result,
@@ -82,13 +82,13 @@ impl BlobAccess for MemoryBlobAccess {
             let e = Error::not_found("blob not found")
                 .with_backend(&self.name)
                 .with_digest(digest);
-            return futures::stream::once(async move { Err(e) }).boxed();
+            return failed(e);
         };
         let len = match range.len_in(data.len() as u64) {
             Ok(len) => len,
             Err(e) => {
                 let e = e.with_backend(&self.name).with_digest(digest);
-                return futures::stream::once(async move { Err(e) }).boxed();
+                return failed(e);
             }
         };
         self.counters.add("bytes_read", len);

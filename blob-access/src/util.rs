@@ -15,6 +15,12 @@ pub fn once(data: Bytes) -> BlobStream {
     futures::stream::once(async move { Ok(data) }).boxed()
 }
 
+/// A blob stream whose only item is the error `e`: a get that failed before
+/// any transfer.
+pub fn failed(e: Error) -> BlobStream {
+    futures::stream::once(async move { Err(e) }).boxed()
+}
+
 /// A blob stream that yields `data` in chunks of `chunk` bytes without copying.
 pub fn chunked(data: Bytes, chunk: usize) -> BlobStream {
     let n = data.len().div_ceil(chunk.max(1));

@@ -2,6 +2,7 @@
 //! are checked on the fly, so no backend can hand a caller a wrong blob, and a
 //! short stream is a truncation rather than a success.
 
+use crate::util::failed;
 use crate::{BlobStream, Digest, Error, ReadRange, Result};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -14,12 +15,9 @@ use std::task::{ready, Context, Poll};
 /// consumer never receives a complete-looking wrong blob. A ranged read can only
 /// be checked for length. Errors name `backend` and the digest.
 pub fn verify(digest: &Digest, range: ReadRange, backend: &str, inner: BlobStream) -> BlobStream {
-    let expected = match range.len_in(digest.size_bytes()) {
+    let expected = match range_len(digest, range, backend) {
         Ok(n) => n,
-        Err(e) => {
-            let e = e.with_backend(backend).with_digest(digest);
-            return futures::stream::once(async move { Err(e) }).boxed();
-        }
+        Err(e) => return failed(e),
     };
     Verifier {
         inner,
@@ -32,6 +30,13 @@ pub fn verify(digest: &Digest, range: ReadRange, backend: &str, inner: BlobStrea
         done: false,
     }
     .boxed()
+}
+
+/// Bytes `range` covers in `digest`'s blob; OUT_OF_RANGE naming both otherwise.
+fn range_len(digest: &Digest, range: ReadRange, backend: &str) -> Result<u64> {
+    range
+        .len_in(digest.size_bytes())
+        .map_err(|e| e.with_backend(backend).with_digest(digest))
 }
 
 struct Verifier {
@@ -143,12 +148,9 @@ pub fn verify_range_of_full(
     if range.is_full() {
         return inner;
     }
-    let len = match range.len_in(digest.size_bytes()) {
+    let len = match range_len(digest, range, backend) {
         Ok(n) => n,
-        Err(e) => {
-            let e = e.with_backend(backend).with_digest(digest);
-            return futures::stream::once(async move { Err(e) }).boxed();
-        }
+        Err(e) => return failed(e),
     };
     RangeOfFull {
         inner,

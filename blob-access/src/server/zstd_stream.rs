@@ -20,7 +20,7 @@ fn compress_error(e: std::io::Error) -> Error {
 pub(super) fn compress(input: BlobStream, level: i32) -> BlobStream {
     let encoder = match Encoder::new(level) {
         Ok(e) => e,
-        Err(e) => return futures::stream::once(async move { Err(compress_error(e)) }).boxed(),
+        Err(e) => return crate::util::failed(compress_error(e)),
     };
     futures::stream::unfold(Some((input, encoder)), |state| async move {
         let (mut input, mut encoder) = state?;
