@@ -64,9 +64,8 @@ macro_rules! nodes {
 
         impl BuildNode for Node {
             fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
-                let (ctx, built) = match self {
-                    $( Node::$variant(c) => { let ctx = ctx.child($key); let b = c.build(&ctx); (ctx, b) } )*
-                };
+                let ctx = ctx.child(self.kind());
+                let built = match self { $( Node::$variant(c) => c.build(&ctx), )* };
                 built.map(|node| ctx.instrument(node))
             }
         }
