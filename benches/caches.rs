@@ -10,7 +10,7 @@
 mod common;
 
 use blob_access::disk::DiskBlobAccess;
-use blob_access::{BlobAccess, BuildContext, BuildNode, Digest};
+use blob_access::{BlobAccess, BuildContext, Digest};
 use blob_access_decorators::existence_caching::ExistenceCaching;
 use common::*;
 use futures::StreamExt;
@@ -83,7 +83,7 @@ fn find_missing(rt: &tokio::runtime::Runtime) {
     let build = |yaml: &str| -> Arc<dyn BlobAccess> {
         blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "bench")
             .unwrap()
-            .build(&BuildContext::root())
+            .build_cas(&BuildContext::root())
             .unwrap()
     };
     let backend = build(&grpc);

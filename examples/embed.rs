@@ -6,7 +6,7 @@
 //! cargo run --example embed -- examples/ci.yaml   # any config file
 //! ```
 
-use blob_access::{util, BuildContext, BuildNode, Digest, ReadRange};
+use blob_access::{util, BuildContext, Digest, ReadRange};
 use bytes::Bytes;
 use std::path::PathBuf;
 
@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/memory.yaml"))
         });
     let tree = blob_access_config::load_file(&config)?;
-    let cas = tree.build(&BuildContext::root())?;
+    let cas = tree.build_cas(&BuildContext::root())?;
 
     // An action produced an output: upload it under its digest.
     let output = Bytes::from_static(b"int main() { return 0; }\n");

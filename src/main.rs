@@ -81,9 +81,10 @@ enum Command {
         #[arg(short, long, default_value_t = 8, value_parser = at_least_one)]
         jobs: usize,
     },
-    /// Serve a tree as a REAPI CAS (ContentAddressableStorage, ByteStream, Capabilities).
+    /// Serve a config's trees as a REAPI remote cache (ContentAddressableStorage,
+    /// ByteStream, ActionCache, Capabilities) for Bazel and other build tools.
     Serve {
-        /// Config of the tree to serve; an in-memory CAS when absent.
+        /// Config of the trees to serve; an in-memory CAS and action cache when absent.
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// `host:port` or `unix:/path`.
@@ -95,6 +96,10 @@ enum Command {
         /// On SIGINT/SIGTERM, how long running transfers may go on before they are ended.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_grace: std::time::Duration,
+        /// Serve action results but refuse uploads of new ones (PERMISSION_DENIED);
+        /// the capabilities then tell clients not to upload.
+        #[arg(long)]
+        action_cache_read_only: bool,
     },
 }
 
@@ -171,11 +176,13 @@ fn main() -> ExitCode {
                 listen,
                 metrics_listen,
                 shutdown_grace,
+                action_cache_read_only,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
                     metrics_listen,
                     shutdown_grace,
+                    action_cache_read_only,
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

@@ -5,7 +5,7 @@
 mod support;
 
 use blob_access::proto::{Directory, DirectoryNode, FileNode, SymlinkNode};
-use blob_access::{util, BlobAccess, BuildContext, BuildNode, Digest};
+use blob_access::{util, BlobAccess, BuildContext, Digest};
 use bytes::Bytes;
 use prost::Message;
 use std::os::unix::fs::PermissionsExt;
@@ -68,7 +68,7 @@ impl Cas {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let node = blob_access_config::load_file(&config).unwrap();
         let cas = rt
-            .block_on(async { node.build(&BuildContext::root()) })
+            .block_on(async { node.build_cas(&BuildContext::root()) })
             .unwrap();
         Cas {
             rt,

@@ -2,7 +2,7 @@
 //! one random blob, timed gets through any config tree, peak RSS of a child.
 #![allow(dead_code)]
 
-use blob_access::{BuildContext, BuildNode, Digest, ReadRange};
+use blob_access::{BuildContext, Digest, ReadRange};
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -168,7 +168,7 @@ pub fn put_cli(config: &std::path::Path, file: &std::path::Path) -> Digest {
 pub async fn timed_get(yaml: &str, digest: &Digest) -> f64 {
     let node =
         blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "bench").unwrap();
-    let cas = node.build(&BuildContext::root()).unwrap();
+    let cas = node.build_cas(&BuildContext::root()).unwrap();
     timed_drain(&*cas, digest).await
 }
 

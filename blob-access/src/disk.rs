@@ -27,6 +27,8 @@
 //! # });
 //! ```
 
+use crate::action_cache::ActionCache;
+pub use crate::action_cache::DiskActionCache;
 use crate::config_types::ByteSize;
 use crate::node::Counters;
 use crate::util::{failed, CHUNK_SIZE};
@@ -46,52 +48,77 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Directory of the store; created if absent. One store per directory.
+    /// Directory of the store; created if absent. One CAS and one action cache
+    /// per directory (they keep their files apart).
     pub path: PathBuf,
     /// Total size of the blobs kept; the least recently used are deleted beyond it.
     pub max_size_bytes: ByteSize,
 }
+
+impl<N> crate::ChildNodes<N> for DiskConfig {}
 
 impl BuildNode for DiskConfig {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
         let disk = DiskBlobAccess::open(ctx.path(), &self.path, self.max_size_bytes.bytes())?;
         Ok(Arc::new(disk))
     }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let ac = DiskActionCache::open(ctx.path(), &self.path, self.max_size_bytes.bytes())?;
+        Ok(Arc::new(ac))
+    }
 }
 
-/// The stored digests in recency order (a digest names its size), and the total.
-struct Index {
-    lru: LruCache<Digest, ()>,
+/// The stored keys in recency order with the size of their files, and the total.
+pub(crate) struct Index {
+    lru: LruCache<Digest, u64>,
     size: u64,
 }
 
 impl Index {
+    /// Indexes `(mtime, key, size)` entries, least recently modified first.
+    pub(crate) fn from_files(mut found: Vec<(std::time::SystemTime, Digest, u64)>) -> Self {
+        found.sort();
+        let mut index = Index {
+            lru: LruCache::unbounded(),
+            size: 0,
+        };
+        for (_, d, size) in found {
+            index.insert(d, size);
+        }
+        index
+    }
+
     /// Whether `d` is stored; marks it used.
-    fn touch(&mut self, d: &Digest) -> bool {
+    pub(crate) fn touch(&mut self, d: &Digest) -> bool {
         self.lru.get(d).is_some()
     }
 
-    fn insert(&mut self, d: Digest) {
-        let size = d.size_bytes();
-        if self.lru.put(d, ()).is_none() {
-            self.size += size;
+    pub(crate) fn insert(&mut self, d: Digest, size: u64) {
+        self.size += size;
+        if let Some(old) = self.lru.put(d, size) {
+            self.size -= old;
         }
     }
 
-    fn remove(&mut self, d: &Digest) {
-        if self.lru.pop(d).is_some() {
-            self.size -= d.size_bytes();
+    pub(crate) fn remove(&mut self, d: &Digest) {
+        if let Some(size) = self.lru.pop(d) {
+            self.size -= size;
         }
     }
 
-    /// Forgets the least recently used digests beyond `max_size`, returning them.
-    fn over(&mut self, max_size: u64) -> Vec<Digest> {
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Forgets the least recently used keys beyond `max_size`, returning them.
+    pub(crate) fn over(&mut self, max_size: u64) -> Vec<Digest> {
         let mut out = Vec::new();
         while self.size > max_size {
-            let Some((d, ())) = self.lru.pop_lru() else {
+            let Some((d, size)) = self.lru.pop_lru() else {
                 break;
             };
-            self.size -= d.size_bytes();
+            self.size -= size;
             out.push(d);
         }
         out
@@ -147,7 +174,7 @@ impl DiskBlobAccess {
             match digest_of_path(&objects, &path) {
                 Some(d) if d.size_bytes() == meta.len() => {
                     let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                    found.push((mtime, d));
+                    found.push((mtime, d, meta.len()));
                 }
                 // Truncated by something other than us: never serve it.
                 Some(_) => {
@@ -159,14 +186,7 @@ impl DiskBlobAccess {
                 }
             }
         }
-        found.sort();
-        let mut index = Index {
-            lru: LruCache::unbounded(),
-            size: 0,
-        };
-        for (_, d) in found {
-            index.insert(d);
-        }
+        let index = Index::from_files(found);
         let disk = DiskBlobAccess {
             inner: Arc::new(Inner {
                 name,
@@ -183,7 +203,7 @@ impl DiskBlobAccess {
 
     /// Total bytes currently stored.
     pub fn size_bytes(&self) -> u64 {
-        self.inner.index().size
+        self.inner.index().size()
     }
 
     /// The file holding `digest`, whether or not it exists.
@@ -198,11 +218,7 @@ impl Inner {
     }
 
     fn path_of(&self, d: &Digest) -> PathBuf {
-        self.root
-            .join("objects")
-            .join(d.function().name())
-            .join(&d.hash()[..2])
-            .join(format!("{}-{}", d.hash(), d.size_bytes()))
+        object_path(&self.root.join("objects"), d)
     }
 
     fn error(&self, e: Error, digest: &Digest) -> Error {
@@ -262,7 +278,7 @@ impl Inner {
 }
 
 /// Files under `dir`, recursively, with their metadata.
-fn walk(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
+pub(crate) fn walk(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
@@ -279,8 +295,16 @@ fn walk(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
     Ok(out)
 }
 
+/// Where the file of `d` lives under `objects`.
+pub(crate) fn object_path(objects: &Path, d: &Digest) -> PathBuf {
+    objects
+        .join(d.function().name())
+        .join(&d.hash()[..2])
+        .join(format!("{}-{}", d.hash(), d.size_bytes()))
+}
+
 /// The digest a path under `objects/` names, if it is one of ours.
-fn digest_of_path(objects: &Path, path: &Path) -> Option<Digest> {
+pub(crate) fn digest_of_path(objects: &Path, path: &Path) -> Option<Digest> {
     let rel = path.strip_prefix(objects).ok()?;
     let parts: Vec<_> = rel.iter().filter_map(|p| p.to_str()).collect();
     let [function, shard, file] = parts[..] else {
@@ -403,7 +427,7 @@ impl BlobAccess for DiskBlobAccess {
         writer
             .await
             .map_err(|e| inner.error(Error::internal(format!("writer task: {e}")), digest))??;
-        inner.index().insert(digest.clone());
+        inner.index().insert(digest.clone(), digest.size_bytes());
         inner.counters.add("bytes_written", digest.size_bytes());
         inner.evict();
         Ok(())

@@ -19,6 +19,7 @@
 //! # });
 //! ```
 
+pub mod action_cache;
 pub mod chaos;
 pub mod config_types;
 pub mod digest;
@@ -33,12 +34,14 @@ pub mod server;
 pub mod util;
 pub mod verify;
 
+pub use action_cache::ActionCache;
 pub use digest::{Digest, DigestFunction};
 pub use error::{Code, Error, Result};
-pub use node::{BuildContext, BuildNode, NodeMetrics};
+pub use node::{BuildContext, BuildNode, ChildNodes, NodeMetrics, StorageType};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use std::sync::Arc;
 
 /// Generated REAPI v2 types and stubs.
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as proto;
@@ -85,6 +88,40 @@ impl ReadRange {
         }
         let rest = size - self.offset;
         Ok(self.limit.map_or(rest, |l| l.min(rest)))
+    }
+}
+
+/// A CAS and, for a build tool's remote cache, the action cache beside it:
+/// what a config file builds and what a server serves (without an action
+/// cache, its ActionCache service answers UNIMPLEMENTED).
+#[derive(Clone)]
+pub struct Storage {
+    pub cas: Arc<dyn BlobAccess>,
+    pub action_cache: Option<Arc<dyn ActionCache>>,
+}
+
+impl Storage {
+    pub fn new(cas: Arc<dyn BlobAccess>) -> Self {
+        Storage {
+            cas,
+            action_cache: None,
+        }
+    }
+    pub fn with_action_cache(mut self, action_cache: Arc<dyn ActionCache>) -> Self {
+        self.action_cache = Some(action_cache);
+        self
+    }
+}
+
+impl From<Arc<dyn BlobAccess>> for Storage {
+    fn from(cas: Arc<dyn BlobAccess>) -> Self {
+        Storage::new(cas)
+    }
+}
+
+impl<T: BlobAccess> From<Arc<T>> for Storage {
+    fn from(cas: Arc<T>) -> Self {
+        Storage::new(cas)
     }
 }
 

@@ -1,6 +1,8 @@
 //! An in-memory CAS bounded by total size with least-recently-used eviction:
 //! the embedded default of `serve`, a fast tier for tests, and a scratch cache.
 
+use crate::action_cache::ActionCache;
+pub use crate::action_cache::MemoryActionCache;
 use crate::config_types::ByteSize;
 use crate::node::Counters;
 use crate::util::{chunked, failed, CHUNK_SIZE};
@@ -21,6 +23,8 @@ pub struct MemoryConfig {
     pub max_size_bytes: ByteSize,
 }
 
+impl<N> crate::ChildNodes<N> for MemoryConfig {}
+
 impl BuildNode for MemoryConfig {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
         Ok(Arc::new(MemoryBlobAccess::new(
@@ -28,11 +32,49 @@ impl BuildNode for MemoryConfig {
             self.max_size_bytes.bytes(),
         )))
     }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        Ok(Arc::new(MemoryActionCache::new(
+            ctx.path(),
+            self.max_size_bytes.bytes(),
+        )))
+    }
 }
 
-struct Store {
-    blobs: LruCache<Digest, Bytes>,
-    size: u64,
+/// Values by digest in recency order, with their total size; shared with the
+/// in-memory action cache.
+pub(crate) struct Store {
+    pub(crate) blobs: LruCache<Digest, Bytes>,
+    pub(crate) size: u64,
+}
+
+impl Store {
+    pub(crate) fn new() -> Self {
+        Store {
+            blobs: LruCache::unbounded(),
+            size: 0,
+        }
+    }
+
+    /// Stores `data` under `key`, then evicts the least recently used values
+    /// beyond `max_size`; returns how many were evicted.
+    pub(crate) fn insert(&mut self, key: Digest, data: Bytes, max_size: u64) -> u64 {
+        self.size += data.len() as u64;
+        if let Some(old) = self.blobs.put(key, data) {
+            self.size -= old.len() as u64;
+        }
+        let mut evicted = 0;
+        while self.size > max_size {
+            match self.blobs.pop_lru() {
+                Some((_, old)) => {
+                    self.size -= old.len() as u64;
+                    evicted += 1;
+                }
+                None => break,
+            }
+        }
+        evicted
+    }
 }
 
 /// See the module documentation.
@@ -55,10 +97,7 @@ impl MemoryBlobAccess {
                 name.into()
             },
             max_size: max_size_bytes,
-            store: Arc::new(Mutex::new(Store {
-                blobs: LruCache::unbounded(),
-                size: 0,
-            })),
+            store: Arc::new(Mutex::new(Store::new())),
             counters: Counters::new(COUNTERS),
         }
     }
@@ -123,19 +162,8 @@ impl BlobAccess for MemoryBlobAccess {
         }
         self.counters.add("bytes_written", size);
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = store.blobs.put(digest.clone(), buf.freeze()) {
-            store.size -= old.len() as u64;
-        }
-        store.size += size;
-        while store.size > self.max_size {
-            match store.blobs.pop_lru() {
-                Some((_, evicted)) => {
-                    store.size -= evicted.len() as u64;
-                    self.counters.inc("evictions");
-                }
-                None => break,
-            }
-        }
+        let evicted = store.insert(digest.clone(), buf.freeze(), self.max_size);
+        self.counters.add("evictions", evicted);
         Ok(())
     }
 

@@ -18,12 +18,13 @@
 //! let calls = CallMetrics::register(&mut registry);
 //! let ctx = BuildContext::root().with_metrics(calls);
 //! let cas = ctx.instrument(Arc::new(MemoryBlobAccess::new("memory", 1 << 20)));
-//! registry.register_collector(Box::new(NodeCounters::new(cas.clone())));
+//! registry.register_collector(Box::new(NodeCounters::new(cas.clone(), None)));
 //! let mut text = String::new();
 //! prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
 //! assert!(text.contains("blob_access_memory_gets_total"));
 //! ```
 
+use crate::action_cache::{ActionCache, ActionResult};
 use crate::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Result};
 use futures::{Stream, StreamExt};
 use prometheus_client::collector::Collector;
@@ -33,6 +34,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -133,20 +135,32 @@ impl CallMetrics {
     }
 }
 
-/// A node wrapped so that its calls are recorded; otherwise transparent.
-pub struct Instrumented {
-    inner: Arc<dyn BlobAccess>,
+/// A node (`dyn BlobAccess` or `dyn ActionCache`) wrapped so that its calls
+/// are recorded; otherwise transparent.
+pub struct Instrumented<T: ?Sized> {
+    inner: Arc<T>,
     node: String,
     metrics: Arc<CallMetrics>,
 }
 
-impl Instrumented {
-    pub fn new(inner: Arc<dyn BlobAccess>, node: &str, metrics: Arc<CallMetrics>) -> Self {
+impl<T: ?Sized> Instrumented<T> {
+    pub fn new(inner: Arc<T>, node: &str, metrics: Arc<CallMetrics>) -> Self {
         Instrumented {
             inner,
             node: node.to_string(),
             metrics,
         }
+    }
+
+    async fn record<R>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<R>>,
+    ) -> Result<R> {
+        let (recorded, start) = (self.metrics.call(&self.node, op), Instant::now());
+        let result = call.await;
+        self.metrics.finish(&recorded, start, result.as_ref().err());
+        result
     }
 }
 
@@ -196,7 +210,7 @@ impl Drop for Recorded {
 }
 
 #[async_trait::async_trait]
-impl BlobAccess for Instrumented {
+impl BlobAccess for Instrumented<dyn BlobAccess> {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
         let call = self.metrics.call(&self.node, "get");
         Recorded {
@@ -226,13 +240,8 @@ impl BlobAccess for Instrumented {
     }
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let (call, start) = (
-            self.metrics.call(&self.node, "find_missing"),
-            Instant::now(),
-        );
-        let result = self.inner.find_missing(digests).await;
-        self.metrics.finish(&call, start, result.as_ref().err());
-        result
+        self.record("find_missing", self.inner.find_missing(digests))
+            .await
     }
 
     fn metrics(&self, out: &mut Vec<NodeMetrics>) {
@@ -240,12 +249,36 @@ impl BlobAccess for Instrumented {
     }
 }
 
-/// Exports the counters of every node of a tree at each scrape.
-pub struct NodeCounters(Arc<dyn BlobAccess>);
+#[async_trait::async_trait]
+impl ActionCache for Instrumented<dyn ActionCache> {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        self.record("get_action_result", self.inner.get_action_result(action))
+            .await
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        let update = self.inner.update_action_result(action, result);
+        self.record("update_action_result", update).await
+    }
+
+    async fn update_enabled(&self) -> bool {
+        self.inner.update_enabled().await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        self.inner.metrics(out)
+    }
+}
+
+/// Exports the counters of every node of a server's trees at each scrape.
+pub struct NodeCounters {
+    cas: Arc<dyn BlobAccess>,
+    action_cache: Option<Arc<dyn ActionCache>>,
+}
 
 impl NodeCounters {
-    pub fn new(root: Arc<dyn BlobAccess>) -> Self {
-        NodeCounters(root)
+    pub fn new(cas: Arc<dyn BlobAccess>, action_cache: Option<Arc<dyn ActionCache>>) -> Self {
+        NodeCounters { cas, action_cache }
     }
 }
 
@@ -258,7 +291,10 @@ impl std::fmt::Debug for NodeCounters {
 impl Collector for NodeCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let mut nodes = Vec::new();
-        self.0.metrics(&mut nodes);
+        self.cas.metrics(&mut nodes);
+        if let Some(ac) = &self.action_cache {
+            ac.metrics(&mut nodes);
+        }
         // One family per (kind, counter), one sample per node.
         let mut families: BTreeMap<(&str, &str), Vec<(&str, u64)>> = BTreeMap::new();
         for n in &nodes {

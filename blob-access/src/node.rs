@@ -1,16 +1,48 @@
 //! What a node of a config tree needs to become a `BlobAccess`, and the
 //! counters each node exposes (read through the tree, e.g. for a metrics endpoint).
 
-use crate::{BlobAccess, Result};
+use crate::action_cache::ActionCache;
+use crate::{BlobAccess, Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Which of a server's two trees a node is part of; it decides what a stored
+/// value is checked against (CAS: its digest; action cache: parsing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageType {
+    Cas,
+    ActionCache,
+}
+
+impl StorageType {
+    /// The config key of a tree of this type.
+    pub fn key(self) -> &'static str {
+        match self {
+            StorageType::Cas => "content_addressable_storage",
+            StorageType::ActionCache => "action_cache",
+        }
+    }
+}
+
 /// Where a node sits in the tree, e.g. `read_caching.slow.grpc`; used in errors,
-/// logs and metrics so that two nodes of the same kind can be told apart.
-#[derive(Clone, Debug, Default)]
+/// logs and metrics so that two nodes of the same kind can be told apart. An
+/// action cache tree's context also holds the CAS it is served beside, for the
+/// nodes that look into it (`completeness_checking`).
+#[derive(Clone, Default)]
 pub struct BuildContext {
     path: String,
     metrics: Option<Arc<crate::metrics::CallMetrics>>,
+    cas: Option<Arc<dyn BlobAccess>>,
+}
+
+impl std::fmt::Debug for BuildContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildContext")
+            .field("path", &self.path)
+            .field("metrics", &self.metrics.is_some())
+            .field("cas", &self.cas.is_some())
+            .finish()
+    }
 }
 
 impl BuildContext {
@@ -26,7 +58,7 @@ impl BuildContext {
         };
         BuildContext {
             path,
-            metrics: self.metrics.clone(),
+            ..self.clone()
         }
     }
     pub fn path(&self) -> &str {
@@ -36,6 +68,14 @@ impl BuildContext {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::CallMetrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+    /// The CAS that action results built in this context refer to.
+    pub fn with_cas(mut self, cas: Arc<dyn BlobAccess>) -> Self {
+        self.cas = Some(cas);
+        self
+    }
+    pub fn cas(&self) -> Option<&Arc<dyn BlobAccess>> {
+        self.cas.as_ref()
     }
     /// `node` wrapped to record its calls under this context's path, if metrics are on.
     pub fn instrument(&self, node: Arc<dyn BlobAccess>) -> Arc<dyn BlobAccess> {
@@ -48,16 +88,48 @@ impl BuildContext {
             None => node,
         }
     }
+    /// An action cache node wrapped like [`instrument`](Self::instrument) does.
+    pub fn instrument_action_cache(&self, node: Arc<dyn ActionCache>) -> Arc<dyn ActionCache> {
+        match &self.metrics {
+            Some(m) => Arc::new(crate::metrics::Instrumented::new(
+                node,
+                &self.path,
+                m.clone(),
+            )),
+            None => node,
+        }
+    }
 }
 
-/// A config node that can build its `BlobAccess` (and its children's).
+/// A config node that can build its `BlobAccess` (and its children's), and,
+/// where that makes sense, its `ActionCache`.
 pub trait BuildNode {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>>;
+
+    /// The node as part of an action cache tree. Kinds that make no sense
+    /// there keep this default, and `validate` refuses them before any build.
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        Err(Error::invalid_argument(format!(
+            "node {:?} cannot be part of an action_cache tree",
+            ctx.path()
+        )))
+    }
 }
 
 impl<T: BuildNode + ?Sized> BuildNode for Box<T> {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
         (**self).build(ctx)
+    }
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        (**self).build_action_cache(ctx)
+    }
+}
+
+/// The child nodes of a config node, named by their field, so that a tree can
+/// be checked (e.g. for kinds its storage type refuses) without building it.
+pub trait ChildNodes<N> {
+    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+        Vec::new()
     }
 }
 

@@ -1,6 +1,7 @@
-//! A REAPI server (ContentAddressableStorage, ByteStream, Capabilities) in
-//! front of any `Arc<dyn BlobAccess>`, so that unmodified REAPI clients gain
-//! whatever the tree does (retries, caching, logging).
+//! A REAPI server (ContentAddressableStorage, ByteStream, ActionCache,
+//! Capabilities) in front of any `Arc<dyn BlobAccess>` and, for the remote
+//! cache of a build tool, an `Arc<dyn ActionCache>`, so that unmodified REAPI
+//! clients gain whatever the trees do (retries, caching, logging).
 //!
 //! Every call goes straight to the backend: reads stream from `get` and are
 //! re-chunked (and zstd-compressed on request) on the fly, writes stream into
@@ -12,24 +13,30 @@
 //! to one name; requests for others then fail with INVALID_ARGUMENT.
 //!
 //! ```no_run
-//! use blob_access::{memory::MemoryBlobAccess, server};
+//! use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
+//! use blob_access::server::{self, Storage};
 //! use std::sync::Arc;
 //! # async fn run() -> blob_access::Result<()> {
-//! let backend = Arc::new(MemoryBlobAccess::new("memory", 1 << 30));
+//! // A remote cache for Bazel & co: a CAS and an action cache, in memory.
+//! let storage = Storage::new(Arc::new(MemoryBlobAccess::new("memory", 1 << 30)))
+//!     .with_action_cache(Arc::new(MemoryActionCache::new("memory", 64 << 20)));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-//! server::serve_tcp(backend, server::ServerConfig::default(), listener, shutdown).await
+//! server::serve_tcp(storage, server::ServerConfig::default(), listener, shutdown).await
 //! # }
 //! ```
 
+mod action_cache;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod get_tree;
 mod rechunk;
 mod upload;
 mod zstd_stream;
 
-use crate::{BlobAccess, Error, Result};
+pub use crate::Storage;
+use crate::{ActionCache, BlobAccess, Error, Result};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,6 +62,9 @@ pub struct ServerConfig {
     /// After the shutdown signal, how long running transfers may go on before they
     /// are ended with UNAVAILABLE.
     pub shutdown_grace: Duration,
+    /// Refuse UpdateActionResult (PERMISSION_DENIED) and advertise updates as
+    /// disabled: clients read results others wrote, and upload none.
+    pub action_cache_read_only: bool,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +76,7 @@ impl Default for ServerConfig {
             read_chunk_size: 1 << 20,
             zstd_level: 1,
             shutdown_grace: Duration::from_secs(30),
+            action_cache_read_only: false,
         }
     }
 }
@@ -82,6 +93,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Shared {
     backend: Arc<dyn BlobAccess>,
+    action_cache: Option<Arc<dyn ActionCache>>,
     cfg: Arc<ServerConfig>,
     kill: watch::Receiver<bool>,
 }
@@ -122,20 +134,28 @@ fn status_shutting_down() -> Status {
     Status::unavailable("server is shutting down; transfer aborted after the grace period")
 }
 
-/// The three services, ready to add to a `tonic` server (e.g. next to others).
+/// The four services, ready to add to a `tonic` server (e.g. next to others).
 /// Transfers started through these routes are never cut by a shutdown grace period;
 /// [`serve_tcp`] and [`serve_unix`] do that.
-pub fn services(backend: Arc<dyn BlobAccess>, cfg: ServerConfig) -> Routes {
+pub fn services(storage: impl Into<Storage>, cfg: ServerConfig) -> Routes {
     let (_never, kill) = watch::channel(false);
-    routes(Shared {
-        backend,
-        cfg: Arc::new(cfg),
-        kill,
-    })
+    routes(Shared::new(storage.into(), cfg, kill))
+}
+
+impl Shared {
+    fn new(storage: Storage, cfg: ServerConfig, kill: watch::Receiver<bool>) -> Self {
+        Shared {
+            backend: storage.cas,
+            action_cache: storage.action_cache,
+            cfg: Arc::new(cfg),
+            kill,
+        }
+    }
 }
 
 fn routes(shared: Shared) -> Routes {
     use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
+    use crate::proto::action_cache_server::ActionCacheServer;
     use crate::proto::capabilities_server::CapabilitiesServer;
     use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
     let max = shared.cfg.max_message_size;
@@ -145,27 +165,33 @@ fn routes(shared: Shared) -> Routes {
     let bytestream = ByteStreamServer::new(bytestream::ByteStream(shared.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let ac = ActionCacheServer::new(action_cache::ActionCacheService(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let caps = CapabilitiesServer::new(capabilities::Capabilities(shared));
-    Routes::new(cas).add_service(bytestream).add_service(caps)
+    Routes::new(cas)
+        .add_service(bytestream)
+        .add_service(ac)
+        .add_service(caps)
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets
 /// running transfers finish for up to `cfg.shutdown_grace`, ends the rest with
 /// UNAVAILABLE and returns.
 pub async fn serve_tcp(
-    backend: Arc<dyn BlobAccess>,
+    storage: impl Into<Storage>,
     cfg: ServerConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve_incoming(backend, cfg, incoming, shutdown).await
+    serve_incoming(storage.into(), cfg, incoming, shutdown).await
 }
 
 /// Like [`serve_tcp`], on a Unix domain socket created at `path`. A stale socket
 /// file (nobody listening) is replaced; the socket file is removed on return.
 pub async fn serve_unix(
-    backend: Arc<dyn BlobAccess>,
+    storage: impl Into<Storage>,
     cfg: ServerConfig,
     path: impl AsRef<Path>,
     shutdown: impl Future<Output = ()> + Send,
@@ -173,7 +199,7 @@ pub async fn serve_unix(
     let path = path.as_ref();
     let listener = bind_unix(path).await?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let result = serve_incoming(backend, cfg, incoming, shutdown).await;
+    let result = serve_incoming(storage.into(), cfg, incoming, shutdown).await;
     let _ = std::fs::remove_file(path);
     result
 }
@@ -197,7 +223,7 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
 }
 
 async fn serve_incoming<I, IO, IE>(
-    backend: Arc<dyn BlobAccess>,
+    storage: Storage,
     cfg: ServerConfig,
     incoming: I,
     shutdown: impl Future<Output = ()> + Send,
@@ -209,11 +235,7 @@ where
 {
     let grace = cfg.shutdown_grace;
     let (kill_tx, kill) = watch::channel(false);
-    let shared = Shared {
-        backend,
-        cfg: Arc::new(cfg),
-        kill,
-    };
+    let shared = Shared::new(storage, cfg, kill);
     let (draining_tx, draining) = oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;

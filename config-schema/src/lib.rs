@@ -1,5 +1,5 @@
-//! Config trees for blob-access: each node is a single key naming a backend or
-//! decorator, e.g.
+//! Config files for blob-access: trees of nodes, each node a single key
+//! naming a backend or decorator, e.g.
 //!
 //! ```yaml
 //! existence_caching:
@@ -8,34 +8,47 @@
 //!     grpc: {endpoint: "grpc://127.0.0.1:8980", instance_name: ""}
 //! ```
 //!
-//! The same tree loads from YAML and JSON; errors name the path in the tree,
-//! the line and the column. [`Node`] implements [`BuildNode`], which turns a
-//! tree into an `Arc<dyn BlobAccess>`.
+//! A file holds one tree (a CAS), or a CAS and an action cache as
+//! `content_addressable_storage:` and `action_cache:` ([`Config`]). The same
+//! node kinds serve in both where they make sense; the others are refused
+//! when the file is loaded. YAML and JSON alike; errors name the path in the
+//! tree, the line and the column.
 //!
 //! ```
 //! use blob_access_config::{load_str, Format};
-//! use blob_access::{BlobAccess, BuildNode, BuildContext};
+//! use blob_access::{action_cache::ActionResult, BlobAccess, BuildContext, Digest};
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! let node = load_str("memory: {max_size_bytes: 64MiB}", Format::Yaml, "inline").unwrap();
-//! let cas = node.build(&BuildContext::root()).unwrap();
-//! assert!(cas.find_missing(&[]).await.unwrap().is_empty());
+//! let yaml = "
+//! content_addressable_storage: {memory: {max_size_bytes: 64MiB}}
+//! action_cache: {completeness_checking: {backend: {memory: {max_size_bytes: 1MiB}}}}
+//! ";
+//! let storage = load_str(yaml, Format::Yaml, "inline").unwrap().build(&BuildContext::root()).unwrap();
+//! assert!(storage.cas.find_missing(&[]).await.unwrap().is_empty());
+//! let ac = storage.action_cache.unwrap();
+//! let action = Digest::of(b"an Action message");
+//! ac.update_action_result(&action, &ActionResult::default()).await.unwrap();
+//! assert_eq!(ac.get_action_result(&action).await.unwrap(), ActionResult::default());
 //! # });
 //! ```
 //!
-//! Adding a node kind is one file (its config struct implementing `BuildNode`)
-//! plus one line in the `nodes!` list below.
+//! Adding a node kind is one file (its config struct implementing `BuildNode`
+//! and `ChildNodes`) plus one line in the `nodes!` list below.
 
+mod config;
 mod load;
 mod schema;
 
+pub use config::Config;
 pub use load::{load_file, load_str, ConfigError, Format};
 pub use schema::json_schema;
 
-use blob_access::{BlobAccess, BuildContext, BuildNode, Result};
+use blob_access::{
+    ActionCache, BlobAccess, BuildContext, BuildNode, ChildNodes, Result, Storage, StorageType,
+};
 use std::sync::Arc;
 
 macro_rules! nodes {
-    ($( $(#[$doc:meta])* $key:literal => $variant:ident($ty:ty), )*) => {
+    ($( $(#[$doc:meta])* $key:literal => $variant:ident($ty:ty) in [$($storage:ident),+], )*) => {
         /// A node of a config tree: one backend or decorator, named by its single key.
         #[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
         pub enum Node {
@@ -49,6 +62,23 @@ macro_rules! nodes {
             /// The key naming this node's kind, e.g. `memory`.
             pub fn kind(&self) -> &'static str {
                 match self { $( Node::$variant(_) => $key, )* }
+            }
+
+            /// Whether this kind of node makes sense in a tree of `storage`'s type.
+            pub fn supports(&self, storage: StorageType) -> bool {
+                match self { $( Node::$variant(_) => [$(StorageType::$storage),+].contains(&storage), )* }
+            }
+
+            /// The kinds that make sense in a tree of `storage`'s type.
+            pub fn kinds_for(storage: StorageType) -> Vec<&'static str> {
+                let mut kinds = Vec::new();
+                $( if [$(StorageType::$storage),+].contains(&storage) { kinds.push($key); } )*
+                kinds
+            }
+
+            /// The nodes right below this one, named by their field.
+            pub fn child_nodes(&self) -> Vec<(&'static str, &Node)> {
+                match self { $( Node::$variant(c) => ChildNodes::<Node>::child_nodes(c), )* }
             }
 
             fn deserialize_kind<'de, A: serde::de::MapAccess<'de>>(
@@ -65,11 +95,65 @@ macro_rules! nodes {
         impl BuildNode for Node {
             fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
                 let ctx = ctx.child(self.kind());
+                self.refuse_unless(StorageType::Cas, &ctx)?;
                 let built = match self { $( Node::$variant(c) => c.build(&ctx), )* };
                 built.map(|node| ctx.instrument(node))
             }
+
+            fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+                let ctx = ctx.child(self.kind());
+                self.refuse_unless(StorageType::ActionCache, &ctx)?;
+                let built = match self { $( Node::$variant(c) => c.build_action_cache(&ctx), )* };
+                built.map(|node| ctx.instrument_action_cache(node))
+            }
         }
     };
+}
+
+impl Node {
+    /// Checks that this node and every node below it make sense in a tree of
+    /// `storage`'s type; `path` is where this node sits. Done before any build.
+    pub fn check(
+        &self,
+        storage: StorageType,
+        path: &str,
+    ) -> std::result::Result<(), (String, String)> {
+        let here = if path.is_empty() {
+            self.kind().to_string()
+        } else {
+            format!("{path}.{}", self.kind())
+        };
+        if !self.supports(storage) {
+            let message = format!(
+                "`{}` cannot be part of a{} {} tree; the kinds there are {}",
+                self.kind(),
+                if storage == StorageType::ActionCache {
+                    "n"
+                } else {
+                    ""
+                },
+                storage.key(),
+                Node::kinds_for(storage).join(", ")
+            );
+            return Err((here, message));
+        }
+        for (field, child) in self.child_nodes() {
+            child.check(storage, &format!("{here}.{field}"))?;
+        }
+        Ok(())
+    }
+
+    fn refuse_unless(&self, storage: StorageType, ctx: &BuildContext) -> Result<()> {
+        if self.supports(storage) {
+            return Ok(());
+        }
+        Err(blob_access::Error::invalid_argument(format!(
+            "{}: `{}` cannot be part of a {} tree",
+            ctx.path(),
+            self.kind(),
+            storage.key()
+        )))
+    }
 }
 
 /// A node is a map with exactly one key, in YAML and JSON alike (serde_yaml's
@@ -90,50 +174,67 @@ impl<'de> serde::Deserialize<'de> for Node {
                 self,
                 mut map: A,
             ) -> std::result::Result<Node, A::Error> {
-                use serde::de::Error;
-                let kind: String = map.next_key()?.ok_or_else(|| {
-                    A::Error::custom(format!(
-                        "empty node: expected one key, one of {}",
-                        Node::KINDS.join(", ")
-                    ))
-                })?;
-                let node = Node::deserialize_kind(&kind, &mut map)?;
-                if let Some(extra) = map.next_key::<String>()? {
-                    return Err(A::Error::custom(format!(
-                        "node `{kind}` has a second key `{extra}`; a node is a map with exactly one key"
-                    )));
-                }
-                Ok(node)
+                let kind = first_key(&mut map)?;
+                rest_of_node(kind, map)
             }
         }
         d.deserialize_map(V)
     }
 }
 
+fn first_key<'de, A: serde::de::MapAccess<'de>>(
+    map: &mut A,
+) -> std::result::Result<String, A::Error> {
+    map.next_key()?.ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "empty node: expected one key, one of {}",
+            Node::KINDS.join(", ")
+        ))
+    })
+}
+
+/// The node whose kind is the map's first key, and no second key.
+fn rest_of_node<'de, A: serde::de::MapAccess<'de>>(
+    kind: String,
+    mut map: A,
+) -> std::result::Result<Node, A::Error> {
+    let node = Node::deserialize_kind(&kind, &mut map)?;
+    if let Some(extra) = map.next_key::<String>()? {
+        return Err(serde::de::Error::custom(format!(
+            "node `{kind}` has a second key `{extra}`; a node is a map with exactly one key"
+        )));
+    }
+    Ok(node)
+}
+
 nodes! {
-    /// An in-memory CAS bounded by size, evicting the least recently used blobs.
-    "memory" => Memory(blob_access::memory::MemoryConfig),
-    /// A CAS in a local directory, bounded by size, surviving restarts.
-    "disk" => Disk(blob_access::disk::DiskConfig),
-    /// A remote REAPI CAS; a stream cut in the middle fails the read.
-    "grpc" => Grpc(blob_access::grpc::GrpcConfig),
-    /// A remote REAPI CAS whose reads resume at `read_offset` when a stream is cut.
-    "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig),
-    /// Remembers for `ttl` the digests `find_missing` found present.
-    "existence_caching" => ExistenceCaching(blob_access_decorators::existence_caching::ExistenceCachingConfig<Node>),
-    /// Reads a fast tier first; on a miss streams from the slow one while copying into the fast.
-    "read_caching" => ReadCaching(blob_access_decorators::read_caching::ReadCachingConfig<Node>),
+    /// An in-memory store bounded by size, evicting the least recently used entries.
+    "memory" => Memory(blob_access::memory::MemoryConfig) in [Cas, ActionCache],
+    /// A store in a local directory, bounded by size, surviving restarts.
+    "disk" => Disk(blob_access::disk::DiskConfig) in [Cas, ActionCache],
+    /// A remote REAPI server (CAS or ActionCache); a stream cut in the middle fails the read.
+    "grpc" => Grpc(blob_access::grpc::GrpcConfig) in [Cas, ActionCache],
+    /// A remote REAPI server whose reads resume at `read_offset` when a stream is cut.
+    "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig) in [Cas, ActionCache],
+    /// Remembers for `ttl` the digests `find_missing` found present (CAS only).
+    "existence_caching" => ExistenceCaching(blob_access_decorators::existence_caching::ExistenceCachingConfig<Node>) in [Cas],
+    /// Reads a fast tier first; on a miss reads the slow one while copying into the fast.
+    "read_caching" => ReadCaching(blob_access_decorators::read_caching::ReadCachingConfig<Node>) in [Cas, ActionCache],
     /// Logs every failed call with its operation, digest, node path, code and duration.
-    "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>),
+    "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>) in [Cas, ActionCache],
+    /// Serves an action result only if every blob it names is in the CAS (action cache only).
+    "completeness_checking" => CompletenessChecking(blob_access_decorators::completeness_checking::CompletenessCheckingConfig<Node>) in [ActionCache],
 }
 
-/// Loads a config file and builds its tree.
-pub fn build_file(path: &std::path::Path) -> std::result::Result<Arc<dyn BlobAccess>, BuildError> {
-    let node = load_file(path).map_err(BuildError::Config)?;
-    node.build(&BuildContext::root()).map_err(BuildError::Build)
+/// Loads a config file and builds its trees.
+pub fn build_file(path: &std::path::Path) -> std::result::Result<Storage, BuildError> {
+    let config = load_file(path).map_err(BuildError::Config)?;
+    config
+        .build(&BuildContext::root())
+        .map_err(BuildError::Build)
 }
 
-/// Why a config file did not yield a `BlobAccess`.
+/// Why a config file did not yield its trees.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{0}")]

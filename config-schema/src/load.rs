@@ -1,7 +1,7 @@
 //! Loading config trees from YAML or JSON with errors that point at the
 //! offending node: its path in the tree, its line and column, what was expected.
 
-use crate::Node;
+use crate::Config;
 use std::fmt;
 use std::path::Path;
 
@@ -51,7 +51,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads and parses a config file; the format follows the extension.
-pub fn load_file(path: &Path) -> Result<Node, ConfigError> {
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let source = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         source: source.clone(),
@@ -63,12 +63,25 @@ pub fn load_file(path: &Path) -> Result<Node, ConfigError> {
     load_str(&text, Format::of_path(path), &source)
 }
 
-/// Parses a config text. `source` names it in errors.
-pub fn load_str(text: &str, format: Format, source: &str) -> Result<Node, ConfigError> {
+/// Parses a config text and checks that each node suits its tree. `source`
+/// names the text in errors.
+pub fn load_str(text: &str, format: Format, source: &str) -> Result<Config, ConfigError> {
+    let config = parse(text, format, source)?;
+    config.check().map_err(|(path, message)| ConfigError {
+        source: source.to_string(),
+        path,
+        line: None,
+        column: None,
+        message,
+    })?;
+    Ok(config)
+}
+
+fn parse(text: &str, format: Format, source: &str) -> Result<Config, ConfigError> {
     let (path, line, column, message) = match format {
         Format::Yaml => {
             let de = serde_yaml_ng::Deserializer::from_str(text);
-            match serde_path_to_error::deserialize::<_, Node>(de) {
+            match serde_path_to_error::deserialize::<_, Config>(de) {
                 Ok(node) => return Ok(node),
                 Err(e) => {
                     let loc = e.inner().location();
@@ -84,7 +97,7 @@ pub fn load_str(text: &str, format: Format, source: &str) -> Result<Node, Config
         }
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
-            match serde_path_to_error::deserialize::<_, Node>(&mut de) {
+            match serde_path_to_error::deserialize::<_, Config>(&mut de) {
                 Ok(node) => {
                     if let Err(e) = de.end() {
                         (

@@ -20,7 +20,8 @@ fn yaml_and_json_give_the_same_tree() {
         serde_json::to_value(&y).unwrap(),
         serde_json::to_value(&j).unwrap()
     );
-    assert_eq!(y.kind(), "memory");
+    assert_eq!(y.content_addressable_storage.kind(), "memory");
+    assert!(y.action_cache.is_none());
 }
 
 #[test]
@@ -139,6 +140,87 @@ fn schema_rejects_what_the_loader_rejects() {
         r#"{"memory": {"max_size_bytes": 1, "colour": "red"}}"#,
         r#"{"memroy": {"max_size_bytes": 1}}"#,
         r#"{"memory": {}}"#,
+    ] {
+        let v: serde_json::Value = serde_json::from_str(bad).unwrap();
+        assert!(!validator.is_valid(&v), "schema accepted {bad}");
+        assert!(
+            load_str(bad, Format::Json, "t").is_err(),
+            "loader accepted {bad}"
+        );
+    }
+}
+
+const TWO_TREES: &str = "
+content_addressable_storage:
+  memory: {max_size_bytes: 1GiB}
+action_cache:
+  completeness_checking:
+    backend:
+      read_caching:
+        fast: {memory: {max_size_bytes: 1MiB}}
+        slow: {resumable_grpc: {grpc: {endpoint: \"grpc://127.0.0.1:1\"}}}
+";
+
+#[test]
+fn a_file_names_a_cas_and_an_action_cache() {
+    let c = load_str(TWO_TREES, Format::Yaml, "t").unwrap();
+    assert_eq!(c.content_addressable_storage.kind(), "memory");
+    assert_eq!(
+        c.action_cache.as_ref().unwrap().kind(),
+        "completeness_checking"
+    );
+    // The action cache alone is not a config: a server always has a CAS.
+    let e = yaml_err("action_cache: {memory: {max_size_bytes: 1}}\n");
+    assert!(
+        e.message
+            .contains("missing field `content_addressable_storage`"),
+        "{e}"
+    );
+    let e = yaml_err("content_addressable_storage: {memory: {max_size_bytes: 1}}\nexecution: {}\n");
+    assert!(e.message.contains("unknown field `execution`"), "{e}");
+    let e = yaml_err("content_addressable_storage:\n  memory: {max_size_bytes: x}\n");
+    assert_eq!(e.path, "content_addressable_storage.memory.max_size_bytes");
+    assert_eq!(e.line, Some(2));
+}
+
+#[test]
+fn nodes_that_make_no_sense_in_a_tree_are_refused_with_their_path() {
+    let e = yaml_err(
+        "content_addressable_storage: {memory: {max_size_bytes: 1}}
+action_cache:
+  error_logging:
+    backend:
+      existence_caching: {backend: {memory: {max_size_bytes: 1}}}
+",
+    );
+    assert_eq!(
+        e.path,
+        "action_cache.error_logging.backend.existence_caching"
+    );
+    assert!(
+        e.message
+            .contains("`existence_caching` cannot be part of an action_cache tree")
+            && e.message.contains("completeness_checking"),
+        "{e}"
+    );
+    let e = yaml_err("read_caching:\n  fast: {memory: {max_size_bytes: 1}}\n  slow: {completeness_checking: {backend: {memory: {max_size_bytes: 1}}}}\n");
+    assert_eq!(e.path, "read_caching.slow.completeness_checking");
+    assert!(
+        e.message.contains("content_addressable_storage tree"),
+        "{e}"
+    );
+}
+
+#[test]
+fn schema_takes_both_forms_and_rejects_bad_trees() {
+    let validator = jsonschema::validator_for(&json_schema()).unwrap();
+    let ok: serde_json::Value = serde_yaml_ng::from_str(TWO_TREES).unwrap();
+    assert!(validator.is_valid(&ok));
+    for bad in [
+        r#"{"action_cache": {"memory": {"max_size_bytes": 1}}}"#,
+        r#"{"content_addressable_storage": {"memory": {"max_size_bytes": 1}}, "x": {}}"#,
+        r#"{"content_addressable_storage": {"memory": {}}}"#,
+        r#"{"read_caching": {"fast": {"content_addressable_storage": {"memory": {"max_size_bytes": 1}}}, "slow": {"memory": {"max_size_bytes": 1}}}}"#,
     ] {
         let v: serde_json::Value = serde_json::from_str(bad).unwrap();
         assert!(!validator.is_valid(&v), "schema accepted {bad}");

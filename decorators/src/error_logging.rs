@@ -8,10 +8,11 @@
 //! default NOT_FOUND (a cache miss) is `info` and CANCELLED (a client that
 //! went away) is `debug`, everything else `error`.
 
+use blob_access::action_cache::{ActionCache, ActionResult};
 use blob_access::node::Counters;
 use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, Code, Digest, Error, NodeMetrics, ReadRange,
-    Result,
+    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Code, Digest, Error, NodeMetrics,
+    ReadRange, Result,
 };
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -108,22 +109,40 @@ pub enum Level {
     Error,
 }
 
-impl<N: BuildNode> BuildNode for ErrorLoggingConfig<N> {
-    fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
-        let backend = self.backend.build(&ctx.child("backend"))?;
+impl<N> ErrorLoggingConfig<N> {
+    fn levels(&self) -> BTreeMap<StatusCode, Level> {
         let mut levels = BTreeMap::from([
             (StatusCode::NotFound, Level::Info),
             (StatusCode::Cancelled, Level::Debug),
         ]);
         levels.extend(self.levels.iter().map(|(k, v)| (*k, *v)));
-        let node = ErrorLogging::new(ctx.path(), backend, levels, self.default_level);
+        levels
+    }
+}
+
+impl<N: BuildNode> BuildNode for ErrorLoggingConfig<N> {
+    fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
+        let backend = self.backend.build(&ctx.child("backend"))?;
+        let node = ErrorLogging::new(ctx.path(), backend, self.levels(), self.default_level);
+        Ok(Arc::new(node))
+    }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let backend = self.backend.build_action_cache(&ctx.child("backend"))?;
+        let node = ErrorLogging::new(ctx.path(), backend, self.levels(), self.default_level);
         Ok(Arc::new(node))
     }
 }
 
-/// See the module documentation.
-pub struct ErrorLogging {
-    backend: Arc<dyn BlobAccess>,
+impl<N> ChildNodes<N> for ErrorLoggingConfig<N> {
+    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+        vec![("backend", &*self.backend)]
+    }
+}
+
+/// See the module documentation. `T` is `dyn BlobAccess` or `dyn ActionCache`.
+pub struct ErrorLogging<T: ?Sized = dyn BlobAccess> {
+    backend: Arc<T>,
     log: Arc<Logger>,
 }
 
@@ -158,11 +177,11 @@ impl Logger {
     }
 }
 
-impl ErrorLogging {
+impl<T: ?Sized> ErrorLogging<T> {
     /// `levels` maps codes to levels; others use `default_level`.
     pub fn new(
         path: &str,
-        backend: Arc<dyn BlobAccess>,
+        backend: Arc<T>,
         levels: BTreeMap<StatusCode, Level>,
         default_level: Level,
     ) -> Self {
@@ -180,7 +199,7 @@ impl ErrorLogging {
 }
 
 #[async_trait::async_trait]
-impl BlobAccess for ErrorLogging {
+impl BlobAccess for ErrorLogging<dyn BlobAccess> {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
         let (log, d, backend) = (self.log.clone(), digest.clone(), self.backend.clone());
         // The clock starts at the first poll: the stream is lazy.
@@ -212,6 +231,37 @@ impl BlobAccess for ErrorLogging {
             self.log.log("find_missing", None, started, e);
         }
         result
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.log.counters.snapshot(&self.log.path, "error_logging"));
+        self.backend.metrics(out);
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for ErrorLogging<dyn ActionCache> {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        let started = Instant::now();
+        let result = self.backend.get_action_result(action).await;
+        if let Err(e) = &result {
+            self.log.log("get_action_result", Some(action), started, e);
+        }
+        result
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        let started = Instant::now();
+        let outcome = self.backend.update_action_result(action, result).await;
+        if let Err(e) = &outcome {
+            self.log
+                .log("update_action_result", Some(action), started, e);
+        }
+        outcome
+    }
+
+    async fn update_enabled(&self) -> bool {
+        self.backend.update_enabled().await
     }
 
     fn metrics(&self, out: &mut Vec<NodeMetrics>) {

@@ -9,7 +9,8 @@
 use blob_access::config_types::Duration;
 use blob_access::node::Counters;
 use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, Digest, NodeMetrics, ReadRange, Result,
+    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
+    Result,
 };
 use futures::StreamExt;
 use lru::LruCache;
@@ -36,6 +37,12 @@ fn default_ttl() -> Duration {
 }
 fn default_max_entries() -> usize {
     1_000_000
+}
+
+impl<N> ChildNodes<N> for ExistenceCachingConfig<N> {
+    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+        vec![("backend", &*self.backend)]
+    }
 }
 
 impl<N: BuildNode> BuildNode for ExistenceCachingConfig<N> {

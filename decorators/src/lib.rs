@@ -5,6 +5,7 @@
 //! (`ExistenceCachingConfig<N>` with `backend: Box<N>`), so that this crate
 //! does not depend on the crate that lists every node kind.
 
+pub mod completeness_checking;
 pub mod error_logging;
 pub mod existence_caching;
 pub mod read_caching;

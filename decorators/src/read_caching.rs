@@ -22,6 +22,10 @@
 //!   out ends that read; the next one refetches.
 //! - `find_missing` asks `slow`, the authority. `put` goes to `slow`, and also
 //!   to `fast` with `write_through: true`.
+//! - In an action cache tree ([`ReadCachingActionCache`]), a result missing
+//!   from `fast` is read from `slow` and copied into `fast`; updates go to
+//!   `slow`, then to `fast` too, so that `fast` never keeps a result this
+//!   node replaced.
 //!
 //! ```
 //! use blob_access::{memory::MemoryBlobAccess, util, BlobAccess, Digest, ReadRange};
@@ -39,9 +43,11 @@
 //! # });
 //! ```
 
+use blob_access::action_cache::{ActionCache, ActionResult};
 use blob_access::node::Counters;
 use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, Digest, NodeMetrics, ReadRange, Result,
+    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
+    Result,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -69,6 +75,22 @@ impl<N: BuildNode> BuildNode for ReadCachingConfig<N> {
         let slow = self.slow.build(&ctx.child("slow"))?;
         let cache = ReadCaching::new(ctx.path(), fast, slow).write_through(self.write_through);
         Ok(Arc::new(cache))
+    }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let fast = self.fast.build_action_cache(&ctx.child("fast"))?;
+        let slow = self.slow.build_action_cache(&ctx.child("slow"))?;
+        Ok(Arc::new(ReadCachingActionCache::new(
+            ctx.path(),
+            fast,
+            slow,
+        )))
+    }
+}
+
+impl<N> ChildNodes<N> for ReadCachingConfig<N> {
+    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+        vec![("fast", &*self.fast), ("slow", &*self.slow)]
     }
 }
 
@@ -301,5 +323,68 @@ impl BlobAccess for ReadCaching {
         out.push(s.counters.snapshot(&s.name, "read_caching"));
         s.fast.metrics(out);
         s.slow.metrics(out);
+    }
+}
+
+/// `read_caching` in an action cache tree; see the module documentation.
+pub struct ReadCachingActionCache {
+    name: String,
+    fast: Arc<dyn ActionCache>,
+    slow: Arc<dyn ActionCache>,
+    counters: Counters,
+}
+
+impl ReadCachingActionCache {
+    pub fn new(name: &str, fast: Arc<dyn ActionCache>, slow: Arc<dyn ActionCache>) -> Self {
+        ReadCachingActionCache {
+            name: name.to_string(),
+            fast,
+            slow,
+            counters: Counters::new(COUNTERS),
+        }
+    }
+
+    async fn copy_to_fast(&self, action: &Digest, result: &ActionResult) {
+        if let Err(e) = self.fast.update_action_result(action, result).await {
+            self.counters.inc("fast_put_failures");
+            tracing::warn!(node = %self.name, %action, error = %e, "copying an action result into the fast tier failed");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for ReadCachingActionCache {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        match self.fast.get_action_result(action).await {
+            Ok(result) => {
+                self.counters.inc("hits");
+                return Ok(result);
+            }
+            Err(e) if e.code() != blob_access::Code::NotFound => {
+                self.counters.inc("fast_errors");
+                tracing::warn!(node = %self.name, %action, error = %e, "fast tier failed; reading the slow one");
+            }
+            Err(_) => {}
+        }
+        self.counters.inc("misses");
+        let result = self.slow.get_action_result(action).await?;
+        self.copy_to_fast(action, &result).await;
+        Ok(result)
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        self.slow.update_action_result(action, result).await?;
+        self.copy_to_fast(action, result).await;
+        Ok(())
+    }
+
+    async fn update_enabled(&self) -> bool {
+        self.slow.update_enabled().await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(&self.name, "read_caching"));
+        self.fast.metrics(out);
+        self.slow.metrics(out);
     }
 }

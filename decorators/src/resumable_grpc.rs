@@ -6,8 +6,10 @@
 //! never arrive. This node opens a new Read at `read_offset` = bytes already
 //! delivered, as often as the retry budget allows, and verifies the digest
 //! across all the attempts. Writes and existence checks go to a plain `grpc`
-//! backend on the same channel.
+//! backend on the same channel. In an action cache tree, calls are retried on
+//! transport failures ([`ResumableGrpcActionCache`]).
 
+mod action_cache;
 mod attempt;
 mod opener;
 mod reader;
@@ -16,17 +18,20 @@ mod recheck;
 mod retry;
 mod zstd_decode;
 
+pub use action_cache::ResumableGrpcActionCache;
 pub use attempt::{AttemptRequest, AttemptStream, ReadOpener};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
 pub use retry::{classify, Failure, Origin, RetryPolicy, Verdict};
 
+use blob_access::action_cache::{ActionCache, GrpcActionCache};
 use blob_access::config_types::Duration;
 use blob_access::grpc::{Compression, GrpcBlobAccess, GrpcConfig, GrpcConnection};
 use blob_access::resource::Compressor;
 use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, Digest, NodeMetrics, ReadRange, Result,
+    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
+    Result,
 };
 use futures::FutureExt;
 use std::sync::Arc;
@@ -80,7 +85,18 @@ impl BuildNode for ResumableGrpcConfig {
         let conn = GrpcConnection::new(ctx.path(), &self.grpc)?;
         Ok(Arc::new(ResumableGrpcBlobAccess::new(conn, self.policy())))
     }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let conn = GrpcConnection::new(ctx.path(), &self.grpc)?;
+        let plain = GrpcActionCache::new(conn);
+        Ok(Arc::new(ResumableGrpcActionCache::new(
+            plain,
+            self.policy(),
+        )))
+    }
 }
+
+impl<N> ChildNodes<N> for ResumableGrpcConfig {}
 
 /// See the module documentation.
 pub struct ResumableGrpcBlobAccess {

@@ -106,7 +106,7 @@ error_logging:
       connect_timeout: 200ms
 "#;
     let tree = blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "t").unwrap();
-    let el = blob_access::BuildNode::build(&tree, &blob_access::BuildContext::root()).unwrap();
+    let el = tree.build_cas(&blob_access::BuildContext::root()).unwrap();
     let (d, _) = blob("x");
     assert!(el.find_missing(std::slice::from_ref(&d)).await.is_err());
     assert!(read(&*el, &d).await.is_err());

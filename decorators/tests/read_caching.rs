@@ -3,9 +3,7 @@ mod common;
 use blob_access::disk::DiskBlobAccess;
 use blob_access::memory::MemoryBlobAccess;
 use blob_access::util::{chunked, read_to_bytes};
-use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, Code, Digest, Error, ReadRange, Result,
-};
+use blob_access::{BlobAccess, BlobStream, BuildContext, Code, Digest, Error, ReadRange, Result};
 use blob_access_decorators::read_caching::ReadCaching;
 use bytes::Bytes;
 use common::*;
@@ -246,7 +244,7 @@ async fn a_tree_from_yaml_caches_on_disk_in_front_of_a_remote() {
         dir.path().join("cache").display()
     );
     let node = blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
-    let cas = node.build(&BuildContext::root()).unwrap();
+    let cas = node.build_cas(&BuildContext::root()).unwrap();
     let (d, data) = put_big(&*cas, 1 << 20).await;
     // Uploads went to slow only; the first read copies into the disk tier.
     assert_eq!(read(&*cas, &d).await.unwrap(), data);

@@ -6,7 +6,7 @@
 use blob_access::chaos::{Faults, Kill, Proxy};
 use blob_access::memory::MemoryBlobAccess;
 use blob_access::server::{self, ServerConfig};
-use blob_access::{BlobAccess, BuildContext, BuildNode, Digest, NodeMetrics, ReadRange};
+use blob_access::{BlobAccess, BuildContext, Digest, NodeMetrics, ReadRange};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::process::ExitCode;
@@ -129,7 +129,7 @@ fn generate(size: u64) -> (Digest, Bytes) {
 fn tree(yaml: &str, name: &str) -> Result<Arc<dyn BlobAccess>, String> {
     blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, name)
         .map_err(|e| e.to_string())?
-        .build(&BuildContext::root())
+        .build_cas(&BuildContext::root())
         .map_err(|e| e.to_string())
 }
 

@@ -1,9 +1,10 @@
-//! `serve`: a REAPI CAS in front of any tree, so unmodified build clients gain
-//! what the tree does (resuming reads, caching, logging) without a code change.
+//! `serve`: a REAPI remote cache (CAS, ActionCache) in front of any trees, so
+//! unmodified build clients gain what the trees do (resuming reads, caching,
+//! logging) without a code change.
 
 use blob_access::metrics::{CallMetrics, NodeCounters};
 use blob_access::server::{self, ServerConfig};
-use blob_access::{BlobAccess, BuildContext, BuildNode};
+use blob_access::BuildContext;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// How long running transfers may go on after a shutdown signal.
     pub shutdown_grace: std::time::Duration,
+    /// Refuse action result uploads.
+    pub action_cache_read_only: bool,
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -28,21 +31,33 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         Some(_) => BuildContext::root().with_metrics(CallMetrics::register(&mut registry)),
         None => BuildContext::root(),
     };
-    let backend: Arc<dyn BlobAccess> = match config {
-        Some(path) => super::open_in(path, &ctx)?,
-        None => blob_access_config::load_str(
-            EMBEDDED_DEFAULT,
-            blob_access_config::Format::Yaml,
-            "embedded default",
-        )
-        .map_err(|e| e.to_string())?
-        .build(&ctx)
-        .map_err(|e| e.to_string())?,
+    let (config, source) = match config {
+        Some(path) => (
+            blob_access_config::load_file(path).map_err(|e| e.to_string())?,
+            path.display().to_string(),
+        ),
+        None => {
+            let source = "embedded default (examples/memory.yaml)";
+            let config = blob_access_config::load_str(
+                EMBEDDED_DEFAULT,
+                blob_access_config::Format::Yaml,
+                source,
+            )
+            .map_err(|e| e.to_string())?;
+            (config, source.to_string())
+        }
+    };
+    let storage = config.build(&ctx).map_err(|e| format!("{source}: {e}"))?;
+    let what = match &storage.action_cache {
+        Some(_) if opts.action_cache_read_only => "REAPI CAS and read-only ActionCache",
+        Some(_) => "REAPI CAS and ActionCache",
+        None => "REAPI CAS (no action cache)",
     };
     // Dropped (and so stopped) when serving ends.
     let _metrics = match metrics_listen {
         Some(addr) => {
-            registry.register_collector(Box::new(NodeCounters::new(backend.clone())));
+            let counters = NodeCounters::new(storage.cas.clone(), storage.action_cache.clone());
+            registry.register_collector(Box::new(counters));
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
@@ -55,19 +70,20 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
     };
     let cfg = ServerConfig {
         shutdown_grace: opts.shutdown_grace,
+        action_cache_read_only: opts.action_cache_read_only,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
         tracing::info!("serving on unix:{path}");
-        eprintln!("blob-access: serving REAPI CAS on unix:{path}");
-        server::serve_unix(backend, cfg, path, shutdown_signal()).await
+        eprintln!("blob-access: serving {what} on unix:{path}");
+        server::serve_unix(storage, cfg, path, shutdown_signal()).await
     } else {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        eprintln!("blob-access: serving REAPI CAS on {addr}");
-        server::serve_tcp(backend, cfg, listener, shutdown_signal()).await
+        eprintln!("blob-access: serving {what} on {addr}");
+        server::serve_tcp(storage, cfg, listener, shutdown_signal()).await
     };
     result.map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! The `grpc` config node: where the remote CAS is and how to talk to it.
 
+use crate::action_cache::{ActionCache, GrpcActionCache};
 use crate::config_types::{ByteSize, Duration};
 use crate::{BlobAccess, BuildContext, BuildNode, Result};
 use std::collections::BTreeMap;
@@ -86,9 +87,16 @@ impl fmt::Debug for Headers {
     }
 }
 
+impl<N> crate::ChildNodes<N> for GrpcConfig {}
+
 impl BuildNode for GrpcConfig {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
         let conn = super::GrpcConnection::new(ctx.path(), self)?;
         Ok(Arc::new(super::GrpcBlobAccess::new(conn)))
+    }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let conn = super::GrpcConnection::new(ctx.path(), self)?;
+        Ok(Arc::new(GrpcActionCache::new(conn)))
     }
 }

@@ -3,6 +3,7 @@
 
 use super::config::{Compression, GrpcConfig};
 use crate::bytestream_proto::byte_stream_client::ByteStreamClient;
+use crate::proto::action_cache_client::ActionCacheClient;
 use crate::proto::capabilities_client::CapabilitiesClient;
 use crate::proto::content_addressable_storage_client::ContentAddressableStorageClient;
 use crate::proto::{compressor, GetCapabilitiesRequest};
@@ -21,6 +22,8 @@ const DEFAULT_BATCH: u64 = 4 << 20;
 pub struct Capabilities {
     pub max_batch_total_size_bytes: u64,
     pub zstd: bool,
+    /// Whether the server's action cache takes UpdateActionResult calls.
+    pub action_cache_update_enabled: bool,
 }
 
 /// A shared, lazily connected channel with the node's instance name and headers.
@@ -109,6 +112,13 @@ impl GrpcConnection {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// An ActionCache client on the shared channel.
+    pub fn action_cache_client(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
     /// Wraps a message in a request carrying the configured headers.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
@@ -150,6 +160,9 @@ impl GrpcConnection {
                     zstd: cache
                         .supported_compressors
                         .contains(&(compressor::Value::Zstd as i32)),
+                    action_cache_update_enabled: cache
+                        .action_cache_update_capabilities
+                        .is_some_and(|c| c.update_enabled),
                 })
             }
             Err(s) if s.code() == Code::Unimplemented => {
@@ -157,6 +170,8 @@ impl GrpcConnection {
                 Ok(Capabilities {
                     max_batch_total_size_bytes: DEFAULT_BATCH,
                     zstd: false,
+                    // Nothing said otherwise; an update will tell.
+                    action_cache_update_enabled: true,
                 })
             }
             Err(s) => Err(Error::from(s).with_backend(self.inner.name.clone())),

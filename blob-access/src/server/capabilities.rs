@@ -1,5 +1,5 @@
-//! Capabilities: what a client may expect of this server (SHA-256, zstd,
-//! the batch limit; a CAS only, no execution and no action cache).
+//! Capabilities: what a client may expect of this server (SHA-256, zstd, the
+//! batch limit, whether action results may be uploaded; no execution).
 
 use super::Shared;
 use crate::proto::capabilities_server;
@@ -29,15 +29,20 @@ impl capabilities_server::Capabilities for Capabilities {
     ) -> Result<Response<ServerCapabilities>, Status> {
         self.0.check_instance(&request.get_ref().instance_name)?;
         let zstd = compressor::Value::Zstd as i32;
+        // Bazel fails a build that uploads results to a cache refusing them, so
+        // updates are advertised only where the tree (and any remote) takes them.
+        let update_enabled = match &self.0.action_cache {
+            Some(ac) => !self.0.cfg.action_cache_read_only && ac.update_enabled().await,
+            None => false,
+        };
         let cache = CacheCapabilities {
             digest_functions: vec![digest_function::Value::Sha256 as i32],
             action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                update_enabled: false,
+                update_enabled,
             }),
             max_batch_total_size_bytes: self.0.cfg.max_batch_total_size_bytes as i64,
-            // Only matters for action results, which this server does not store.
-            symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed
-                as i32,
+            // Action results are stored as clients send them, absolute symlinks included.
+            symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
             supported_compressors: vec![zstd],
             supported_batch_update_compressors: vec![zstd],
             // 0: no limit of our own; the backend may still refuse a blob.

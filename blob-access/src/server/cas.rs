@@ -188,13 +188,12 @@ impl ContentAddressableStorage for Cas {
 
     type GetTreeStream = BoxStream<'static, Result<GetTreeResponse, Status>>;
 
-    /// Not implemented yet: serving a tree needs Directory parsing on top of
-    /// `get`. Clients fall back to reading the Directory blobs one by one.
     async fn get_tree(
         &self,
-        _request: Request<GetTreeRequest>,
+        request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        Err(unimplemented("GetTree"))
+        let pages = super::get_tree::get_tree(self.0.clone(), request.into_inner())?;
+        Ok(Response::new(pages))
     }
 
     // Blob splitting and splicing are advertised as unsupported in the capabilities.

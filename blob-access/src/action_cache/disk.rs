@@ -1,0 +1,167 @@
+//! An action cache on local disk, surviving restarts: one file per action at
+//! `action-cache/objects/sha256/ab/<hash>-<size>` under the node's `path`
+//! (beside a CAS `disk` node's files if both name the same path), written to
+//! `action-cache/tmp/`, fsynced and renamed into place. The least recently used
+//! results are deleted beyond `max_size_bytes`; reads refresh a file's
+//! modification time, from which recency is rebuilt on open.
+
+use super::{decode, encode, not_found, ActionCache, ActionResult};
+use crate::disk::{digest_of_path, object_path, walk, Index};
+use crate::node::Counters;
+use crate::{Digest, Error, NodeMetrics, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// See the module documentation.
+pub struct DiskActionCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    objects: PathBuf,
+    tmp: PathBuf,
+    max_size: u64,
+    index: Mutex<Index>,
+    counters: Counters,
+}
+
+const COUNTERS: &[&str] = &["hits", "misses", "updates", "evictions", "corrupted"];
+
+impl DiskActionCache {
+    /// Opens (or creates) the action cache under `root`, rebuilding its index
+    /// from the files there. `name` identifies it in errors and metrics.
+    pub fn open(name: &str, root: &Path, max_size_bytes: u64) -> Result<Self> {
+        let name = if name.is_empty() { "disk" } else { name }.to_string();
+        let at = |what: &str, path: &Path, e| {
+            Error::io(format_args!("{what} {}", path.display()), e).with_backend(name.clone())
+        };
+        let root = root.join("action-cache");
+        let (objects, tmp) = (root.join("objects"), root.join("tmp"));
+        // Leftovers of writes cut by a crash: never renamed, so never visible.
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| at("removing", &tmp, e))?;
+        }
+        for dir in [&tmp, &objects] {
+            std::fs::create_dir_all(dir).map_err(|e| at("creating", dir, e))?;
+        }
+        let mut found = Vec::new();
+        for (path, meta) in walk(&objects).map_err(|e| at("listing", &objects, e))? {
+            match digest_of_path(&objects, &path) {
+                Some(d) => {
+                    let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((mtime, d, meta.len()));
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "ignoring a file that is not an action result")
+                }
+            }
+        }
+        let inner = Inner {
+            name,
+            objects,
+            tmp,
+            max_size: max_size_bytes,
+            index: Mutex::new(Index::from_files(found)),
+            counters: Counters::new(COUNTERS),
+        };
+        inner.evict();
+        Ok(DiskActionCache {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn evict(&self) {
+        let evicted = self.index().over(self.max_size);
+        for d in &evicted {
+            let _ = std::fs::remove_file(object_path(&self.objects, d));
+        }
+        self.counters.add("evictions", evicted.len() as u64);
+    }
+
+    fn read(&self, action: &Digest) -> Result<ActionResult> {
+        let path = object_path(&self.objects, action);
+        let data = match std::fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.index().remove(action);
+                return Err(not_found(action, &self.name));
+            }
+            Err(e) => {
+                let e = Error::io(format_args!("reading {}", path.display()), e);
+                return Err(e.with_backend(self.name.clone()).with_digest(action));
+            }
+        };
+        // Recency that survives a restart; best effort.
+        if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        decode(action, &data, &self.name).map_err(|e| {
+            self.counters.inc("corrupted");
+            self.index().remove(action);
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(backend = %self.name, %action, error = %e, "removed a corrupted action result");
+            not_found(action, &self.name)
+        })
+    }
+
+    fn write(&self, action: &Digest, data: &[u8]) -> Result<()> {
+        let io = |what: &str, e| {
+            Error::io(what, e)
+                .with_backend(self.name.clone())
+                .with_digest(action)
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)
+            .map_err(|e| io("creating a temp file", e))?;
+        tmp.write_all(data).map_err(|e| io("writing", e))?;
+        tmp.as_file().sync_all().map_err(|e| io("syncing", e))?;
+        let path = object_path(&self.objects, action);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io("creating a directory", e))?;
+        }
+        tmp.persist(&path)
+            .map_err(|e| io("renaming into place", e.error))?;
+        self.index().insert(action.clone(), data.len() as u64);
+        self.evict();
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for DiskActionCache {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        let inner = self.inner.clone();
+        if !inner.index().touch(action) {
+            inner.counters.inc("misses");
+            return Err(not_found(action, &inner.name));
+        }
+        let a = action.clone();
+        let result = tokio::task::spawn_blocking(move || inner.read(&a))
+            .await
+            .map_err(|e| Error::internal(format!("reader task: {e}")))?;
+        let hit = if result.is_ok() { "hits" } else { "misses" };
+        self.inner.counters.inc(hit);
+        result
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        let data = encode(action, result, &self.inner.name)?;
+        let (inner, a) = (self.inner.clone(), action.clone());
+        tokio::task::spawn_blocking(move || inner.write(&a, &data))
+            .await
+            .map_err(|e| Error::internal(format!("writer task: {e}")))??;
+        self.inner.counters.inc("updates");
+        Ok(())
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.inner.counters.snapshot(&self.inner.name, "disk"));
+    }
+}

@@ -1,0 +1,111 @@
+//! A remote REAPI ActionCache, on the same channel, instance name and headers
+//! as the `grpc` node's CAS: a proxy forwards both of a build tool's caches.
+
+use super::{ActionCache, ActionResult};
+use crate::grpc::GrpcConnection;
+use crate::node::Counters;
+use crate::proto::{GetActionResultRequest, UpdateActionResultRequest};
+use crate::{Digest, Error, NodeMetrics, Result};
+
+/// See the module documentation.
+pub struct GrpcActionCache {
+    conn: GrpcConnection,
+    counters: Counters,
+}
+
+const COUNTERS: &[&str] = &["hits", "misses", "updates", "errors"];
+
+impl GrpcActionCache {
+    pub fn new(conn: GrpcConnection) -> Self {
+        GrpcActionCache {
+            conn,
+            counters: Counters::new(COUNTERS),
+        }
+    }
+
+    pub fn connection(&self) -> &GrpcConnection {
+        &self.conn
+    }
+
+    /// `e` naming this node and the action.
+    pub fn error(&self, e: impl Into<Error>, action: &Digest) -> Error {
+        e.into().with_backend(self.conn.name()).with_digest(action)
+    }
+}
+
+impl GrpcActionCache {
+    /// One GetActionResult call, failing with the status as tonic reports it
+    /// (for callers that tell transport failures from answers).
+    pub async fn try_get(&self, action: &Digest) -> Result<ActionResult, tonic::Status> {
+        let req = self.conn.request(GetActionResultRequest {
+            instance_name: self.conn.instance_name().to_string(),
+            action_digest: Some(action.to_proto()),
+            // Inlined outputs would skip the CAS, where the caller verifies them.
+            inline_stdout: false,
+            inline_stderr: false,
+            ..Default::default()
+        });
+        let client = &mut self.conn.action_cache_client();
+        Ok(client.get_action_result(req).await?.into_inner())
+    }
+
+    /// One UpdateActionResult call, like [`try_get`](Self::try_get).
+    pub async fn try_update(
+        &self,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> Result<(), tonic::Status> {
+        let req = self.conn.request(UpdateActionResultRequest {
+            instance_name: self.conn.instance_name().to_string(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        });
+        let client = &mut self.conn.action_cache_client();
+        client.update_action_result(req).await?;
+        Ok(())
+    }
+
+    /// Counts the outcome of a call (by whatever node made it).
+    pub fn count<T>(&self, result: &Result<T>, ok: &str) {
+        match result {
+            Ok(_) => self.counters.inc(ok),
+            Err(e) if e.code() == crate::Code::NotFound => self.counters.inc("misses"),
+            Err(_) => self.counters.inc("errors"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for GrpcActionCache {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        let result = self
+            .try_get(action)
+            .await
+            .map_err(|s| self.error(s, action));
+        self.count(&result, "hits");
+        result
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        let outcome = self
+            .try_update(action, result)
+            .await
+            .map_err(|s| self.error(s, action));
+        self.count(&outcome, "updates");
+        outcome
+    }
+
+    async fn update_enabled(&self) -> bool {
+        // Unknown (remote unreachable): say yes, as a refusal would make some
+        // clients fail their builds outright; an update will tell.
+        self.conn
+            .capabilities()
+            .await
+            .map_or(true, |c| c.action_cache_update_enabled)
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(self.conn.name(), "grpc"));
+    }
+}

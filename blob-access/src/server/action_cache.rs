@@ -1,0 +1,109 @@
+//! ActionCache: GetActionResult and UpdateActionResult over the server's
+//! action cache tree. Without one, both answer UNIMPLEMENTED (and the
+//! capabilities say updates are disabled).
+
+use super::cas::parse_digest;
+use super::{check_digest_function, Shared};
+use crate::action_cache::ActionCache;
+use crate::proto::action_cache_server;
+use crate::proto::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use crate::Digest;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub(super) struct ActionCacheService(pub(super) Shared);
+
+impl ActionCacheService {
+    fn tree(&self) -> Result<&Arc<dyn ActionCache>, Status> {
+        self.0.action_cache.as_ref().ok_or_else(|| {
+            Status::unimplemented(
+                "this server has no action cache; give it an `action_cache:` tree in its config",
+            )
+        })
+    }
+
+    fn action(
+        &self,
+        instance_name: &str,
+        digest_function: i32,
+        digest: Option<&crate::proto::Digest>,
+    ) -> Result<Digest, Status> {
+        self.0.check_instance(instance_name)?;
+        check_digest_function(digest_function)?;
+        parse_digest(digest)
+            .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))
+    }
+}
+
+/// Every digest an action result names must be well formed, or clients that
+/// later read it would fail on our data.
+fn check_digests(result: &ActionResult) -> Result<(), Status> {
+    let named = |field: String, d: Option<&crate::proto::Digest>| {
+        parse_digest(d).map_err(|s| {
+            Status::invalid_argument(format!("action_result.{field}: {}", s.message()))
+        })
+    };
+    for (i, f) in result.output_files.iter().enumerate() {
+        named(
+            format!("output_files[{i}] ({:?})", f.path),
+            f.digest.as_ref(),
+        )?;
+    }
+    for (i, d) in result.output_directories.iter().enumerate() {
+        named(
+            format!("output_directories[{i}] ({:?})", d.path),
+            d.tree_digest.as_ref(),
+        )?;
+    }
+    for (field, d) in [
+        ("stdout_digest", &result.stdout_digest),
+        ("stderr_digest", &result.stderr_digest),
+    ] {
+        if d.is_some() {
+            named(field.to_string(), d.as_ref())?;
+        }
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl action_cache_server::ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let req = request.into_inner();
+        let action = self.action(
+            &req.instance_name,
+            req.digest_function,
+            req.action_digest.as_ref(),
+        )?;
+        // Inlining is optional (REAPI lets servers omit it); clients read outputs from the CAS.
+        let result = self.tree()?.get_action_result(&action).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let req = request.into_inner();
+        let action = self.action(
+            &req.instance_name,
+            req.digest_function,
+            req.action_digest.as_ref(),
+        )?;
+        let tree = self.tree()?;
+        if self.0.cfg.action_cache_read_only {
+            return Err(Status::permission_denied(
+                "this server's action cache is read-only",
+            ));
+        }
+        let result = req
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        check_digests(&result)?;
+        tree.update_action_result(&action, &result).await?;
+        Ok(Response::new(result))
+    }
+}

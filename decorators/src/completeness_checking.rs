@@ -1,0 +1,235 @@
+//! `completeness_checking`: an action cache that only reports hits a client
+//! can use.
+//!
+//! A build tool takes an ActionCache hit as a promise that every output is in
+//! the CAS. When the CAS has evicted one (it is a cache too), the client fails
+//! the build or aborts the action's download half-way. This node reads the
+//! result, gathers every blob it names (output files, stdout and stderr, each
+//! output directory's `Tree` blob and every file in it) and asks the CAS for
+//! them in `find_missing` calls; if any is missing the answer is NOT_FOUND, and
+//! the client runs the action again, which uploads the outputs anew.
+//!
+//! Only for action cache trees; the CAS is the one the config pairs with it.
+//!
+//! ```
+//! use blob_access::action_cache::{ActionCache, ActionResult};
+//! use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
+//! use blob_access::proto::OutputFile;
+//! use blob_access::{util, BlobAccess, Code, Digest};
+//! use blob_access_decorators::completeness_checking::CompletenessChecking;
+//! use std::sync::Arc;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let cas = Arc::new(MemoryBlobAccess::new("cas", 1 << 20));
+//! let ac = CompletenessChecking::new("ac", Arc::new(MemoryActionCache::new("m", 1 << 20)), cas.clone(), 1 << 20);
+//! let output = Digest::of(b"a.o");
+//! let result = ActionResult {
+//!     output_files: vec![OutputFile { path: "a.o".into(), digest: Some(output.to_proto()), ..Default::default() }],
+//!     ..Default::default()
+//! };
+//! let action = Digest::of(b"an Action");
+//! ac.update_action_result(&action, &result).await.unwrap();
+//! // The output is not in the CAS: no hit.
+//! assert_eq!(ac.get_action_result(&action).await.unwrap_err().code(), Code::NotFound);
+//! cas.put(&output, util::once("a.o".into())).await.unwrap();
+//! assert_eq!(ac.get_action_result(&action).await.unwrap(), result);
+//! # });
+//! ```
+
+use blob_access::action_cache::{ActionCache, ActionResult};
+use blob_access::config_types::ByteSize;
+use blob_access::node::Counters;
+use blob_access::proto::{self, Tree};
+use blob_access::{
+    util, BlobAccess, BuildContext, BuildNode, ChildNodes, Digest, DigestFunction, Error,
+    NodeMetrics, ReadRange, Result,
+};
+use prost::Message;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Config node `completeness_checking: {backend: <node>, max_total_tree_size_bytes: 64MiB}`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletenessCheckingConfig<N> {
+    /// The action cache whose results are checked.
+    pub backend: Box<N>,
+    /// The `Tree` blobs of one result are read up to this total; a result
+    /// with larger output directories is not served. Default 64MiB.
+    #[serde(default = "default_max_tree")]
+    pub max_total_tree_size_bytes: ByteSize,
+}
+
+fn default_max_tree() -> ByteSize {
+    ByteSize(64 << 20)
+}
+
+impl<N: BuildNode> BuildNode for CompletenessCheckingConfig<N> {
+    fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
+        Err(Error::invalid_argument(format!(
+            "{}: completeness_checking belongs in an action_cache tree",
+            ctx.path()
+        )))
+    }
+
+    fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
+        let cas = ctx.cas().cloned().ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{}: completeness_checking needs the content_addressable_storage tree of the same config",
+                ctx.path()
+            ))
+        })?;
+        let backend = self.backend.build_action_cache(&ctx.child("backend"))?;
+        let max = self.max_total_tree_size_bytes.bytes();
+        Ok(Arc::new(CompletenessChecking::new(
+            ctx.path(),
+            backend,
+            cas,
+            max,
+        )))
+    }
+}
+
+impl<N> ChildNodes<N> for CompletenessCheckingConfig<N> {
+    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+        vec![("backend", &*self.backend)]
+    }
+}
+
+const COUNTERS: &[&str] = &["complete", "incomplete"];
+
+/// Digests per `find_missing` call.
+const FIND_MISSING_BATCH: usize = 10_000;
+
+/// See the module documentation.
+pub struct CompletenessChecking {
+    name: String,
+    backend: Arc<dyn ActionCache>,
+    cas: Arc<dyn BlobAccess>,
+    max_tree_size: u64,
+    counters: Counters,
+}
+
+impl CompletenessChecking {
+    pub fn new(
+        name: &str,
+        backend: Arc<dyn ActionCache>,
+        cas: Arc<dyn BlobAccess>,
+        max_total_tree_size_bytes: u64,
+    ) -> Self {
+        CompletenessChecking {
+            name: name.to_string(),
+            backend,
+            cas,
+            max_tree_size: max_total_tree_size_bytes,
+            counters: Counters::new(COUNTERS),
+        }
+    }
+
+    fn incomplete(&self, action: &Digest, why: String) -> Error {
+        self.counters.inc("incomplete");
+        tracing::info!(node = %self.name, %action, why, "not serving an incomplete action result");
+        Error::not_found(format!("action result is incomplete: {why}"))
+            .with_backend(self.name.clone())
+            .with_digest(action)
+    }
+
+    /// Every blob `result` names, reading its output directories' trees; `Err`
+    /// says why the result cannot be served.
+    async fn referenced(&self, result: &ActionResult) -> Result<BTreeSet<Digest>, String> {
+        let mut digests = BTreeSet::new();
+        let mut add = |what: &str, d: Option<&proto::Digest>| -> Result<(), String> {
+            let d = d.ok_or_else(|| format!("{what} has no digest"))?;
+            let d = Digest::from_proto(DigestFunction::Sha256, d)
+                .map_err(|e| format!("{what} has a bad digest: {e}"))?;
+            digests.insert(d);
+            Ok(())
+        };
+        for f in &result.output_files {
+            add(&format!("output file {:?}", f.path), f.digest.as_ref())?;
+        }
+        for (what, d) in [
+            ("stdout", &result.stdout_digest),
+            ("stderr", &result.stderr_digest),
+        ] {
+            if d.is_some() {
+                add(what, d.as_ref())?;
+            }
+        }
+        let mut tree_bytes = 0u64;
+        for dir in &result.output_directories {
+            let what = format!("output directory {:?}", dir.path);
+            let tree = dir
+                .tree_digest
+                .as_ref()
+                .ok_or_else(|| format!("{what} has no tree digest"))?;
+            let tree = Digest::from_proto(DigestFunction::Sha256, tree)
+                .map_err(|e| format!("{what} has a bad tree digest: {e}"))?;
+            tree_bytes += tree.size_bytes();
+            if tree_bytes > self.max_tree_size {
+                return Err(format!(
+                    "its output directories' trees exceed max_total_tree_size_bytes ({})",
+                    self.max_tree_size
+                ));
+            }
+            let data = util::read_to_bytes(
+                &*self.cas,
+                &tree,
+                ReadRange::FULL,
+                tree.size_bytes() as usize,
+            )
+            .await
+            .map_err(|e| format!("tree {tree} of {what}: {e}"))?;
+            let tree_msg = Tree::decode(data)
+                .map_err(|e| format!("tree {tree} of {what} does not parse: {e}"))?;
+            for d in tree_msg.root.iter().chain(&tree_msg.children) {
+                for f in &d.files {
+                    add(&format!("file {:?} in {what}", f.name), f.digest.as_ref())?;
+                }
+            }
+        }
+        Ok(digests)
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for CompletenessChecking {
+    async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
+        let result = self.backend.get_action_result(action).await?;
+        let digests = match self.referenced(&result).await {
+            Ok(d) => d,
+            Err(why) => return Err(self.incomplete(action, why)),
+        };
+        let digests: Vec<Digest> = digests.into_iter().filter(|d| d.size_bytes() > 0).collect();
+        for batch in digests.chunks(FIND_MISSING_BATCH) {
+            let missing = self.cas.find_missing(batch).await.map_err(|e| {
+                let e = Error::new(
+                    e.code(),
+                    format!("checking the outputs of an action result: {e}"),
+                );
+                e.with_backend(self.name.clone()).with_digest(action)
+            })?;
+            if let Some(first) = missing.first() {
+                let why = format!(
+                    "{} of its blobs are not in the CAS, e.g. {first}",
+                    missing.len()
+                );
+                return Err(self.incomplete(action, why));
+            }
+        }
+        self.counters.inc("complete");
+        Ok(result)
+    }
+
+    async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
+        self.backend.update_action_result(action, result).await
+    }
+
+    async fn update_enabled(&self) -> bool {
+        self.backend.update_enabled().await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(&self.name, "completeness_checking"));
+        self.backend.metrics(out);
+    }
+}
