@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs a BuildGrid 0.4.4 CAS-only server (REAPI ContentAddressableStorage + ByteStream, instance
-# name "") for end-to-end tests. Requires scripts/setup-test-env.sh to have been run.
-#   scripts/buildgrid.sh start DIR PORT   # config DIR/cas.yml, blobs DIR/cas-data, log DIR/bgd.log
+# Runs a BuildGrid 0.4.4 server (REAPI ContentAddressableStorage + ByteStream, instance name "")
+# for end-to-end tests; CAS-only unless "action-cache" is given, which adds the ActionCache
+# service. Requires scripts/setup-test-env.sh to have been run.
+#   scripts/buildgrid.sh start DIR PORT [action-cache]   # config DIR/cas.yml, blobs
+#                                                        # DIR/cas-data, log DIR/bgd.log
 #   scripts/buildgrid.sh stop DIR
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BGD=$ROOT/target/venv/bin/bgd
 
-usage() { echo "usage: $0 start DIR PORT | stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR PORT [action-cache] | stop DIR" >&2; exit 2; }
 
 # True while PID runs. kill -0 alone also succeeds for a zombie, and these daemons are reparented
 # to PID 1, which in containers may reap them late; so look at the state in /proc too.
@@ -33,7 +35,7 @@ stop() {
 cmd=$1; DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 case $cmd in
 start)
-    [ $# -eq 3 ] || usage
+    [ $# -eq 3 ] || { [ $# -eq 4 ] && [ "$4" = action-cache ]; } || usage
     PORT=$3
     [ -x "$BGD" ] || { echo "$BGD missing: run scripts/setup-test-env.sh" >&2; exit 1; }
     stop "$DIR"   # never leak a previous server for the same DIR
@@ -55,6 +57,22 @@ start)
     #   read_limit is set and is not a multiple of 1 MiB (offset+limit < size), then fails the
     #   Read with DATA_LOSS. The non-streaming path reads the open blob file in 1 MiB blocks too
     #   (no whole-blob buffering) and honours read_offset/read_limit exactly.
+    # - action cache (optional): in memory, ActionResult messages stored in the CAS storage. On
+    #   GetActionResult it answers NOT_FOUND (and forgets the entry) if any output, stdout or
+    #   stderr blob is missing from the CAS. Failed results are not cached, so a hit is always
+    #   a successful action (Bazel never uploads failed ones anyway).
+    caches="" ac_service=""
+    if [ $# -eq 4 ]; then
+        caches='caches:
+  - !lru-action-cache &action-cache
+    storage: *cas-storage
+    max-cached-refs: 100000
+    allow-updates: true
+    cache-failed-actions: false
+'
+        ac_service='      - !action-cache
+        cache: *action-cache'
+    fi
     cat > "$DIR/cas.yml" <<YAML
 server:
   - !channel
@@ -72,6 +90,7 @@ storages:
   - !disk-storage &cas-storage
     path: "$DIR/cas-data"
 
+${caches}
 instances:
   - name: ''
     services:
@@ -80,6 +99,7 @@ instances:
       - !bytestream
         storage: *cas-storage
         stream-blob: false
+${ac_service}
 YAML
     # setsid: own session, so the server outlives this script and ignores the caller's ^C.
     # TMPDIR: BuildGrid spools large uploads with tempfile.TemporaryFile(); keep them in DIR.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need: nginx (as a gRPC proxy, run unprivileged per test by
-# scripts/nginx.sh) and BuildGrid 0.4.4 (a real REAPI CAS server, run by scripts/buildgrid.sh)
-# in a Python venv at target/venv. Idempotent: a second run only checks and exits in ~1 s.
+# scripts/nginx.sh), Bazel 4.2.3 (a real REAPI client, run by tests/support/bazel.rs) and
+# BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh) in a Python venv at
+# target/venv. Idempotent: a second run only checks and exits in ~1 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."   # everything below is relative to the repo root
 
@@ -10,10 +11,17 @@ REQS=scripts/requirements-test.txt
 STAMP=$VENV/.requirements-test.sha256   # hash of $REQS the venv was last built from
 
 # --- Debian packages -------------------------------------------------------------------------
-# nginx-light has the grpc_pass and http2 modules. Only touch apt if something is missing.
+# Only touch apt if something is missing, and then update the package lists once.
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=0
+apt_install() {
+    echo "setup-test-env: installing Debian package(s) $*"
+    [ "$apt_updated" = 1 ] || { apt-get update -qq; apt_updated=1; }
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# nginx-light has the grpc_pass and http2 modules.
 if ! command -v nginx >/dev/null 2>&1; then
-    echo "setup-test-env: installing Debian package nginx-light"
-    export DEBIAN_FRONTEND=noninteractive
     # Stop the package's postinst from starting the system nginx on port 80: tests run their
     # own nginx instances from scripts/nginx.sh. policy-rc.d exit 101 = "action forbidden".
     created_policy=0
@@ -22,8 +30,7 @@ if ! command -v nginx >/dev/null 2>&1; then
         chmod +x /usr/sbin/policy-rc.d
         created_policy=1
     fi
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+    apt_install nginx-light
     if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
     # Belt and braces: if a system nginx got started anyway (e.g. systemd ignored policy-rc.d),
     # stop it and keep it from starting at boot.
@@ -36,6 +43,15 @@ else
     echo "setup-test-env: nginx already installed ($(nginx -v 2>&1))"
 fi
 
+# bazel-bootstrap is Debian's Bazel 4.2.3, with its JDK, self-contained: builds need no download.
+# It has no Recommends; without its dependencies' ones it still builds the tests' genrules.
+if ! command -v bazel >/dev/null 2>&1; then
+    apt_install bazel-bootstrap
+else
+    v=$(dpkg-query -W -f='${Version}' bazel-bootstrap 2>/dev/null || echo "not Debian's")
+    echo "setup-test-env: bazel already installed ($v)"
+fi
+
 # --- Python venv with BuildGrid --------------------------------------------------------------
 # buildgrid 0.4.4 requires Python >= 3.11; prefer $PYTHON, then python3, then python3.11.
 PY=""
@@ -46,9 +62,7 @@ for cand in "${PYTHON:-}" python3 python3.11 /usr/bin/python3; do
 done
 if [ -z "$PY" ]; then
     # Debian 12's python3 is 3.11 but ships ensurepip (needed by "python3 -m venv") separately.
-    echo "setup-test-env: installing Debian package python3-venv"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    apt_install python3-venv
     PY=/usr/bin/python3
 fi
 
@@ -74,4 +88,5 @@ fi
 if nginx -V 2>&1 | grep -q -- --without-http_grpc_module; then
     echo "setup-test-env: $(command -v nginx) lacks the grpc module" >&2; exit 1
 fi
-echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx))"
+echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx)," \
+    "bazel at $(command -v bazel))"

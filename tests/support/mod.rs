@@ -2,6 +2,7 @@
 //! `scripts/` (installed by `scripts/setup-test-env.sh`), and `blob-access serve`
 //! as a child process. Each is stopped when its guard is dropped.
 #![allow(dead_code)]
+pub mod bazel;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -31,7 +31,7 @@ pub async fn start(cfg: ServerConfig) -> TestServer {
 
 /// A server over `backend`; `memory` is what the test inspects.
 pub async fn start_over(
-    backend: Arc<dyn BlobAccess>,
+    backend: impl Into<blob_access::Storage>,
     memory: Arc<MemoryBlobAccess>,
     cfg: ServerConfig,
 ) -> TestServer {
@@ -41,7 +41,7 @@ pub async fn start_over(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let task = tokio::spawn(serve_tcp(backend, cfg, listener, shutdown));
+    let task = tokio::spawn(serve_tcp(backend.into(), cfg, listener, shutdown));
     TestServer {
         url,
         memory,

@@ -1,0 +1,232 @@
+//! The ActionCache service and the capabilities that announce it, with plain
+//! tonic clients: round trips, every kind of bad input, a read-only cache and a
+//! server without one.
+
+mod server_support;
+
+use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
+use blob_access::proto::action_cache_client::ActionCacheClient;
+use blob_access::proto::capabilities_client::CapabilitiesClient;
+use blob_access::proto::{
+    ActionResult, GetActionResultRequest, GetCapabilitiesRequest, OutputFile,
+    UpdateActionResultRequest,
+};
+use blob_access::server::ServerConfig;
+use blob_access::{Code, Digest, Storage};
+use server_support::*;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+async fn start_with_ac(cfg: ServerConfig) -> TestServer {
+    let memory = Arc::new(MemoryBlobAccess::new("memory", 1 << 30));
+    let storage = Storage::new(memory.clone())
+        .with_action_cache(Arc::new(MemoryActionCache::new("ac", 64 << 20)));
+    start_over(storage, memory, cfg).await
+}
+
+async fn ac(server: &TestServer) -> ActionCacheClient<Channel> {
+    ActionCacheClient::new(server.channel().await).max_encoding_message_size(64 << 20)
+}
+
+async fn update_enabled(server: &TestServer) -> bool {
+    let mut caps = CapabilitiesClient::new(server.channel().await);
+    let caps = caps
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    caps.cache_capabilities
+        .unwrap()
+        .action_cache_update_capabilities
+        .unwrap()
+        .update_enabled
+}
+
+fn get(action: Option<blob_access::proto::Digest>) -> GetActionResultRequest {
+    GetActionResultRequest {
+        instance_name: "main".into(),
+        action_digest: action,
+        ..Default::default()
+    }
+}
+
+fn update(
+    action: Option<blob_access::proto::Digest>,
+    result: Option<ActionResult>,
+) -> UpdateActionResultRequest {
+    UpdateActionResultRequest {
+        instance_name: "main".into(),
+        action_digest: action,
+        action_result: result,
+        ..Default::default()
+    }
+}
+
+fn result_with_output(hash: &str, size: i64) -> ActionResult {
+    ActionResult {
+        output_files: vec![OutputFile {
+            path: "out/a.o".into(),
+            digest: Some(blob_access::proto::Digest {
+                hash: hash.into(),
+                size_bytes: size,
+            }),
+            is_executable: true,
+            ..Default::default()
+        }],
+        exit_code: 0,
+        stdout_raw: b"compiled".to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn results_round_trip_and_updates_are_announced() {
+    let server = start_with_ac(ServerConfig::default()).await;
+    assert!(update_enabled(&server).await);
+    let mut client = ac(&server).await;
+    let action = Digest::of(b"Action").to_proto();
+    let err = client
+        .get_action_result(get(Some(action.clone())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let output = Digest::of(b"a.o");
+    let result = result_with_output(output.hash(), 3);
+    let echoed = client
+        .update_action_result(update(Some(action.clone()), Some(result.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(echoed, result);
+    let got = client.get_action_result(get(Some(action))).await.unwrap();
+    assert_eq!(got.into_inner(), result);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_statuses_and_store_nothing() {
+    let server = start_with_ac(ServerConfig::default()).await;
+    let mut client = ac(&server).await;
+    let action = Digest::of(b"Action").to_proto();
+    let good = result_with_output(Digest::of(b"x").hash(), 1);
+    let malformed = blob_access::proto::Digest {
+        hash: "xyz".into(),
+        size_bytes: 1,
+    };
+    // Malformed or absent action digests, on both calls.
+    for d in [None, Some(malformed.clone())] {
+        let e = client.get_action_result(get(d.clone())).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("action_digest"), "{e:?}");
+        let e = client
+            .update_action_result(update(d, Some(good.clone())))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    let cases = [
+        (None, "action_result is missing"),
+        (Some(result_with_output("xyz", 1)), "output_files[0]"),
+        (
+            Some(result_with_output(Digest::of(b"x").hash(), -1)),
+            "output_files[0]",
+        ),
+        (
+            Some(ActionResult {
+                stdout_digest: Some(malformed.clone()),
+                ..Default::default()
+            }),
+            "stdout_digest",
+        ),
+    ];
+    for (result, names) in cases {
+        let e = client
+            .update_action_result(update(Some(action.clone()), result))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(names), "{names}: {e:?}");
+    }
+    // Larger than an action cache keeps, smaller than a gRPC message.
+    let huge = ActionResult {
+        stdout_raw: vec![7; 5 << 20],
+        ..Default::default()
+    };
+    let e = client
+        .update_action_result(update(Some(action.clone()), Some(huge)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // A digest function this server does not serve.
+    let mut req = get(Some(action.clone()));
+    req.digest_function = 2;
+    let e = client.get_action_result(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // None of it was stored.
+    let e = client
+        .get_action_result(get(Some(action)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_read_only_cache_serves_results_and_refuses_updates() {
+    let memory = Arc::new(MemoryBlobAccess::new("memory", 1 << 20));
+    let results = Arc::new(MemoryActionCache::new("ac", 1 << 20));
+    let action = Digest::of(b"Action");
+    let result = result_with_output(Digest::of(b"x").hash(), 1);
+    use blob_access::ActionCache;
+    results
+        .update_action_result(&action, &result)
+        .await
+        .unwrap();
+    let storage = Storage::new(memory.clone()).with_action_cache(results);
+    let cfg = ServerConfig {
+        action_cache_read_only: true,
+        ..Default::default()
+    };
+    let server = start_over(storage, memory, cfg).await;
+    assert!(!update_enabled(&server).await);
+    let mut client = ac(&server).await;
+    let got = client
+        .get_action_result(get(Some(action.to_proto())))
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner(), result);
+    let e = client
+        .update_action_result(update(
+            Some(action.to_proto()),
+            Some(ActionResult::default()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let got = client
+        .get_action_result(get(Some(action.to_proto())))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.into_inner(),
+        result,
+        "the refused update changed the result"
+    );
+}
+
+#[tokio::test]
+async fn without_an_action_cache_the_service_is_unimplemented() {
+    let server = start(ServerConfig::default()).await;
+    assert!(!update_enabled(&server).await);
+    let mut client = ac(&server).await;
+    let action = Some(Digest::of(b"Action").to_proto());
+    let e = client
+        .get_action_result(get(action.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    assert!(e.message().contains("action_cache"), "{e:?}");
+    let e = client
+        .update_action_result(update(action, Some(ActionResult::default())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+}
