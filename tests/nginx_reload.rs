@@ -7,37 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use support::*;
 
 const SIZE: u64 = 600 << 20;
-
-/// Reloads nginx every 200 ms while `f` runs.
-fn with_reloads<T>(nginx: &Nginx, f: impl FnOnce() -> T) -> (T, u32) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let dir = nginx.dir.path().to_path_buf();
-    let flag = stop.clone();
-    let reloader = std::thread::spawn(move || {
-        let mut n = 0;
-        while !flag.load(Ordering::Relaxed) {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            let ok = std::process::Command::new("bash")
-                .arg("scripts/nginx.sh")
-                .arg("reload")
-                .arg(&dir)
-                .current_dir(root())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            n += ok as u32;
-        }
-        n
-    });
-    let out = f();
-    stop.store(true, Ordering::Relaxed);
-    (out, reloader.join().unwrap())
-}
 
 fn resumable_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let path = dir.join("resumable.yaml");
@@ -70,7 +42,7 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     let plain = grpc_config(dir.path(), "plain.yaml", nginx.port);
     let out_plain = dir.path().join("plain.out");
     let failed = (0..3).find_map(|_| {
-        let (out, _) = with_reloads(&nginx, || {
+        let (out, _) = nginx.with_reloads(|| {
             cli(&[
                 "get",
                 "--config",
@@ -95,7 +67,7 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     // BuildGrid's own client fails the same way (three tries, as above).
     let out_bgd = dir.path().join("bgd.out");
     let bgd_failed = (0..3).any(|_| {
-        let (out, _) = with_reloads(&nginx, || bgd_download(nginx.port, digest, &out_bgd));
+        let (out, _) = nginx.with_reloads(|| bgd_download(nginx.port, digest, &out_bgd));
         !String::from_utf8_lossy(&out.stdout).contains("Success: Pulled")
     });
     assert!(bgd_failed, "bgd survived the reloads three times");
@@ -103,7 +75,7 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     // resumable_grpc through nginx: completes, verified, with logged resumptions.
     let resumable = resumable_config(dir.path(), nginx.port);
     let out_res = dir.path().join("resumable.out");
-    let (out, reloads) = with_reloads(&nginx, || {
+    let (out, reloads) = nginx.with_reloads(|| {
         std::process::Command::new(bin())
             .args([
                 "get",
@@ -136,7 +108,7 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     // `blob-access serve` whose tree is that same resumable_grpc node.
     let serve = Serve::start(Some(&resumable));
     let out_served = dir.path().join("served.out");
-    let (out, reloads) = with_reloads(&nginx, || bgd_download(serve.port, digest, &out_served));
+    let (out, reloads) = nginx.with_reloads(|| bgd_download(serve.port, digest, &out_served));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Success: Pulled"),
         "bgd through serve failed after {reloads} reloads: {}{}",

@@ -119,6 +119,11 @@ impl Bazel {
         }
     }
 
+    /// Points the next builds at another cache (e.g. a restarted server's new port).
+    pub fn set_remote_cache(&mut self, remote_cache: &str) {
+        self.remote_cache = remote_cache.to_string();
+    }
+
     pub fn workspace(&self) -> PathBuf {
         self.dir.path().join("ws")
     }

@@ -120,6 +120,35 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// Reloads nginx every 200 ms while `f` runs; returns `f`'s result and
+    /// the number of reloads.
+    pub fn with_reloads<T>(&self, f: impl FnOnce() -> T) -> (T, u32) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let dir = self.dir.path().to_path_buf();
+        let flag = stop.clone();
+        let reloader = std::thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let ok = Command::new("bash")
+                    .arg("scripts/nginx.sh")
+                    .arg("reload")
+                    .arg(&dir)
+                    .current_dir(root())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                n += ok as u32;
+            }
+            n
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        (out, reloader.join().unwrap())
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         script(&[
@@ -171,7 +200,8 @@ impl Serve {
             .inspect(|l| eprintln!("{l}"))
             .inspect(|l| metrics_port = metrics_port.or(port_in(l, "metrics on http://")))
             .find_map(|l| {
-                let addr = l.split("serving REAPI CAS on ").nth(1)?;
+                let what = l.strip_prefix("blob-access: serving ")?;
+                let addr = what.rsplit(" on ").next()?;
                 addr.rsplit(':').next()?.trim().parse::<u16>().ok()
             })
             .expect("serve exited before listening");

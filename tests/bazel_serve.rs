@@ -1,0 +1,175 @@
+//! A real Bazel (4.2.3) using `blob-access serve` as its remote cache: the
+//! embedded default, a disk CAS and action cache across restarts (and what
+//! completeness checking does when a blob is gone), and examples/bazel-proxy.yaml
+//! forwarding to BuildGrid behind an nginx that reloads during the build.
+
+mod support;
+
+use support::bazel::*;
+use support::*;
+
+fn url(serve: &Serve) -> String {
+    format!("grpc://127.0.0.1:{}", serve.port)
+}
+
+/// Builds from scratch, then after `bazel clean` builds again (after
+/// `between`, which may restart the cache; inside `around`, which may disturb
+/// it): every action of the second build must be a remote cache hit, and its
+/// outputs identical to the first's.
+fn build_clean_build(
+    bazel: &mut Bazel,
+    between: impl FnOnce(&mut Bazel),
+    around: impl FnOnce(&mut dyn FnMut() -> BuildSummary) -> BuildSummary,
+) {
+    let first = bazel.build(&[]);
+    assert!(first.success(), "first build failed:\n{}", first.stderr);
+    first.check_counts();
+    assert_eq!(first.remote_cache_hits(), 0, "{first:#?}");
+    let outputs = bazel.output_hashes();
+    assert!(outputs.contains_key("big.bin"), "{outputs:#?}");
+    between(bazel);
+    bazel.clean();
+    let second = around(&mut || bazel.build(&[]));
+    assert!(second.success(), "second build failed:\n{}", second.stderr);
+    second.check_counts();
+    assert_eq!(second.spawns.len(), first.spawns.len(), "{second:#?}");
+    assert_eq!(
+        second.executed(),
+        0,
+        "not all remote cache hits: {second:#?}"
+    );
+    assert_eq!(bazel.output_hashes(), outputs, "outputs differ");
+    eprintln!(
+        "first build {:.1?}, cached second build {:.1?}",
+        first.elapsed, second.elapsed
+    );
+}
+
+#[test]
+fn embedded_default_is_a_remote_cache_for_bazel() {
+    if !real_bazel() {
+        return;
+    }
+    let serve = Serve::start(None);
+    let mut bazel = Bazel::new(&url(&serve));
+    build_clean_build(&mut bazel, |_| {}, |build| build());
+}
+
+#[test]
+fn disk_cache_survives_restarts_and_incomplete_results_are_rebuilt() {
+    if !real_bazel() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("disk.yaml");
+    let store = dir.path().join("store");
+    std::fs::write(
+        &config,
+        format!(
+            "content_addressable_storage:
+  disk: {{path: {0}, max_size_bytes: 2GiB}}
+action_cache:
+  completeness_checking:
+    backend:
+      disk: {{path: {0}, max_size_bytes: 64MiB}}
+",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Some(Serve::start(Some(&config)));
+    let mut bazel = Bazel::new(&url(serve.as_ref().unwrap()));
+    build_clean_build(
+        &mut bazel,
+        |bazel| {
+            // Killed, not stopped: what was acknowledged must be on disk.
+            drop(serve.take());
+            let again = Serve::start(Some(&config));
+            bazel.set_remote_cache(&url(&again));
+            serve = Some(again);
+        },
+        |build| build(),
+    );
+
+    // An output blob disappears from the CAS (evicted, deleted by hand): its
+    // action's result must not be served, and Bazel runs that action again.
+    // --remote_download_minimal downloads nothing, so only the action cache can
+    // tell Bazel the output is gone.
+    let hello = bazel.output_hashes()["hello.txt"].clone();
+    let size = std::fs::metadata(bazel.bazel_bin().join("hello.txt"))
+        .unwrap()
+        .len();
+    drop(serve.take());
+    let blob = store.join(format!("objects/sha256/{}/{hello}-{size}", &hello[..2]));
+    std::fs::remove_file(&blob).unwrap_or_else(|e| panic!("{}: {e}", blob.display()));
+    let serve = Serve::start(Some(&config));
+    bazel.set_remote_cache(&url(&serve));
+    bazel.clean();
+    let third = bazel.build(&["--remote_download_minimal"]);
+    assert!(third.success(), "{}", third.stderr);
+    third.check_counts();
+    let ran: Vec<&str> = third
+        .spawns
+        .iter()
+        .filter(|s| !s.remote_cache_hit)
+        .map(|s| s.progress_message.as_str())
+        .collect();
+    assert_eq!(ran.len(), 1, "{third:#?}");
+    assert!(ran[0].contains("//:hello"), "{ran:?}");
+    assert!(blob.exists(), "the rebuilt output was not uploaded again");
+}
+
+#[test]
+fn bazel_proxy_example_serves_hits_through_reloading_nginx() {
+    if !real_bazel() {
+        return;
+    }
+    let bg = start_buildgrid_with_action_cache();
+    let nginx = Nginx::start(bg.port);
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(root().join("examples/bazel-proxy.yaml")).unwrap();
+    let yaml = example
+        .replace(
+            "grpc://127.0.0.1:8980",
+            &format!("grpc://127.0.0.1:{}", nginx.port),
+        )
+        .replace(
+            "/tmp/blob-access-bazel-proxy",
+            dir.path().join("cache").to_str().unwrap(),
+        );
+    assert_ne!(yaml, example, "the example's endpoint or path changed");
+    let config = dir.path().join("bazel-proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let serve = Serve::start_with(Some(&config), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut bazel = Bazel::new(&url(&serve));
+
+    // The first build uploads without reloads (resuming uploads is another
+    // issue); the second build's lookups and downloads go through reloads.
+    let mut reloads = 0;
+    build_clean_build(
+        &mut bazel,
+        |_| {},
+        |build| {
+            let (summary, n) = nginx.with_reloads(build);
+            reloads = n;
+            summary
+        },
+    );
+    assert!(reloads > 0, "nginx was never reloaded during the build");
+    let metrics = scrape(serve.metrics_port.unwrap());
+    let resumptions: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("blob_access_resumable_grpc_resumptions_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    eprintln!("nginx reloads during the cached build: {reloads}, resumed reads: {resumptions}");
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
