@@ -133,6 +133,37 @@ fn validate_reports_file_line_column_and_path() {
         Some(0)
     );
 
+    // A node that makes no sense in an action cache: refused with its path,
+    // before anything is built; `serve` refuses the file the same way.
+    let ac = dir.path().join("ac.yaml");
+    std::fs::write(
+        &ac,
+        "content_addressable_storage: {memory: {max_size_bytes: 1MiB}}\naction_cache:\n  existence_caching: {backend: {memory: {max_size_bytes: 1MiB}}}\n",
+    )
+    .unwrap();
+    let expected = format!(
+        "{}: at action_cache.existence_caching: `existence_caching` cannot be part of an action_cache tree",
+        ac.display()
+    );
+    let out = cli(&["validate", ac.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&expected),
+        "{out:?}"
+    );
+    let out = cli(&[
+        "serve",
+        "--config",
+        ac.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&expected),
+        "{out:?}"
+    );
+
     let schema: serde_json::Value = serde_json::from_str(&cli_ok(&["schema"])).unwrap();
     let checked_in: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("config-schema/blob-access.schema.json")).unwrap(),
