@@ -230,3 +230,73 @@ async fn without_an_action_cache_the_service_is_unimplemented() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
 }
+
+/// Sends raw bytes as a request message, for bodies no generated client sends.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn an_update_that_does_not_parse_is_refused_and_the_server_goes_on() {
+    let server = start_with_ac(ServerConfig::default()).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult",
+    );
+    // Field 3 (action_result) announced as 100 bytes long, with 2 present.
+    let garbage = vec![0x1a, 100, 1, 2];
+    let e = grpc
+        .unary(tonic::Request::new(garbage), path, RawCodec)
+        .await
+        .unwrap_err();
+    // tonic answers a request it cannot decode with INTERNAL, saying so.
+    assert_ne!(e.code(), Code::Ok);
+    assert!(e.message().contains("decode"), "{e:?}");
+    let mut client = ac(&server).await;
+    let action = Digest::of(b"Action").to_proto();
+    let result = result_with_output(Digest::of(b"x").hash(), 1);
+    client
+        .update_action_result(update(Some(action.clone()), Some(result.clone())))
+        .await
+        .unwrap();
+    let got = client.get_action_result(get(Some(action))).await.unwrap();
+    assert_eq!(got.into_inner(), result);
+}
