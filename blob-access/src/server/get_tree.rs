@@ -106,9 +106,17 @@ impl Walk {
             }
         }
         self.sent += directories.len();
+        let next_page_token = token(&self.pending);
+        // A tree so wide that the directories still to visit do not fit in a message.
+        if next_page_token.len() > max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the tree is too wide to page: {} directories wait at one level",
+                self.pending.len()
+            )));
+        }
         Ok(GetTreeResponse {
             directories,
-            next_page_token: token(&self.pending),
+            next_page_token,
         })
     }
 }
