@@ -40,7 +40,7 @@ use blob_access::config_types::ByteSize;
 use blob_access::node::Counters;
 use blob_access::proto::{self, Tree};
 use blob_access::{
-    util, BlobAccess, BuildContext, BuildNode, ChildNodes, Digest, DigestFunction, Error,
+    util, BlobAccess, BuildContext, BuildNode, ChildNodes, Code, Digest, DigestFunction, Error,
     NodeMetrics, ReadRange, Result,
 };
 use prost::Message;
@@ -133,9 +133,18 @@ impl CompletenessChecking {
             .with_digest(action)
     }
 
+    /// A CAS failure while checking the result of `action`, with its code.
+    fn cas_error(&self, action: &Digest, e: Error) -> Error {
+        let e = Error::new(
+            e.code(),
+            format!("checking the outputs of an action result: {e}"),
+        );
+        e.with_backend(self.name.clone()).with_digest(action)
+    }
+
     /// Every blob `result` names, reading its output directories' trees; `Err`
     /// says why the result cannot be served.
-    async fn referenced(&self, result: &ActionResult) -> Result<BTreeSet<Digest>, String> {
+    async fn referenced(&self, result: &ActionResult) -> Result<BTreeSet<Digest>, Unusable> {
         let mut digests = BTreeSet::new();
         let mut add = |what: &str, d: Option<&proto::Digest>| -> Result<(), String> {
             let d = d.ok_or_else(|| format!("{what} has no digest"))?;
@@ -169,16 +178,29 @@ impl CompletenessChecking {
                 return Err(format!(
                     "its output directories' trees exceed max_total_tree_size_bytes ({})",
                     self.max_tree_size
-                ));
+                )
+                .into());
             }
-            let data = util::read_to_bytes(
-                &*self.cas,
-                &tree,
-                ReadRange::FULL,
-                tree.size_bytes() as usize,
-            )
-            .await
-            .map_err(|e| format!("tree {tree} of {what}: {e}"))?;
+            let data = if tree.size_bytes() == 0 {
+                // The empty blob is always present, as for the other blobs.
+                bytes::Bytes::new()
+            } else {
+                util::read_to_bytes(
+                    &*self.cas,
+                    &tree,
+                    ReadRange::FULL,
+                    tree.size_bytes() as usize,
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    // Missing or unreadable: the result is incomplete.
+                    Code::NotFound | Code::DataLoss => {
+                        Unusable::Incomplete(format!("tree {tree} of {what}: {e}"))
+                    }
+                    // The CAS could not say: as for find_missing, the caller learns why.
+                    _ => Unusable::Cas(e),
+                })?
+            };
             let tree_msg = Tree::decode(data)
                 .map_err(|e| format!("tree {tree} of {what} does not parse: {e}"))?;
             for d in tree_msg.root.iter().chain(&tree_msg.children) {
@@ -191,23 +213,34 @@ impl CompletenessChecking {
     }
 }
 
+/// Why a result is not served: it is incomplete, or the CAS failed to answer.
+enum Unusable {
+    Incomplete(String),
+    Cas(Error),
+}
+
+impl From<String> for Unusable {
+    fn from(why: String) -> Self {
+        Unusable::Incomplete(why)
+    }
+}
+
 #[async_trait::async_trait]
 impl ActionCache for CompletenessChecking {
     async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
         let result = self.backend.get_action_result(action).await?;
         let digests = match self.referenced(&result).await {
             Ok(d) => d,
-            Err(why) => return Err(self.incomplete(action, why)),
+            Err(Unusable::Incomplete(why)) => return Err(self.incomplete(action, why)),
+            Err(Unusable::Cas(e)) => return Err(self.cas_error(action, e)),
         };
         let digests: Vec<Digest> = digests.into_iter().filter(|d| d.size_bytes() > 0).collect();
         for batch in digests.chunks(FIND_MISSING_BATCH) {
-            let missing = self.cas.find_missing(batch).await.map_err(|e| {
-                let e = Error::new(
-                    e.code(),
-                    format!("checking the outputs of an action result: {e}"),
-                );
-                e.with_backend(self.name.clone()).with_digest(action)
-            })?;
+            let missing = self
+                .cas
+                .find_missing(batch)
+                .await
+                .map_err(|e| self.cas_error(action, e))?;
             if let Some(first) = missing.first() {
                 let why = format!(
                     "{} of its blobs are not in the CAS, e.g. {first}",
