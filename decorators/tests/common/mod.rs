@@ -1,6 +1,8 @@
 //! Backends for decorator tests: a counting wrapper and small helpers.
 #![allow(dead_code)]
 
+pub mod ac;
+
 use blob_access::memory::MemoryBlobAccess;
 use blob_access::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Result};
 use bytes::Bytes;
