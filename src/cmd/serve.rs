@@ -53,6 +53,13 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         Some(_) => "REAPI CAS and ActionCache",
         None => "REAPI CAS (no action cache)",
     };
+    if storage.action_cache.is_none() {
+        // Bazel then fails every build that uploads results (its default).
+        tracing::warn!(
+            "{source} has no action_cache tree: build tools get no action cache and updates are \
+             refused; name `content_addressable_storage:` and `action_cache:` trees to serve both"
+        );
+    }
     // Dropped (and so stopped) when serving ends.
     let _metrics = match metrics_listen {
         Some(addr) => {
