@@ -1,11 +1,13 @@
 mod common;
 
+use blob_access::action_cache::{ActionCache, ActionResult};
 use blob_access::disk::DiskBlobAccess;
 use blob_access::memory::MemoryBlobAccess;
 use blob_access::util::{chunked, read_to_bytes};
 use blob_access::{BlobAccess, BlobStream, BuildContext, Code, Digest, Error, ReadRange, Result};
-use blob_access_decorators::read_caching::ReadCaching;
+use blob_access_decorators::read_caching::{ReadCaching, ReadCachingActionCache};
 use bytes::Bytes;
+use common::ac::{ac_counter, CallLog, TestAc};
 use common::*;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -291,4 +293,179 @@ async fn memory_fast_tier_rejects_a_lying_slow_tier() {
         fast.find_missing(std::slice::from_ref(&d)).await.unwrap(),
         vec![d]
     );
+}
+
+// In an action cache tree: `ReadCachingActionCache`.
+
+fn exit(code: i32) -> ActionResult {
+    ActionResult {
+        exit_code: code,
+        stdout_raw: format!("run {code}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+struct Tiers {
+    log: CallLog,
+    fast: Arc<TestAc>,
+    slow: Arc<TestAc>,
+    rc: ReadCachingActionCache,
+}
+
+fn tiers() -> Tiers {
+    let log = CallLog::default();
+    let (fast, slow) = (TestAc::new("fast", &log), TestAc::new("slow", &log));
+    let rc = ReadCachingActionCache::new("rc", fast.clone(), slow.clone());
+    Tiers {
+        log,
+        fast,
+        slow,
+        rc,
+    }
+}
+
+impl Tiers {
+    /// The calls since the last look.
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+    fn counter(&self, name: &str) -> u64 {
+        ac_counter(&self.rc, "read_caching", name)
+    }
+}
+
+#[tokio::test]
+async fn a_result_missing_in_fast_is_read_from_slow_and_copied_into_fast() {
+    let t = tiers();
+    let a = Digest::of(b"Action");
+    t.slow
+        .inner
+        .update_action_result(&a, &exit(1))
+        .await
+        .unwrap();
+
+    assert_eq!(t.rc.get_action_result(&a).await.unwrap(), exit(1));
+    assert_eq!(t.calls(), ["fast get", "slow get", "fast update"]);
+    assert_eq!(t.fast.stored(&a).await, Some(exit(1)));
+    // Served by fast from now on.
+    assert_eq!(t.rc.get_action_result(&a).await.unwrap(), exit(1));
+    assert_eq!(t.calls(), ["fast get"]);
+    assert_eq!(t.counter("hits"), 1);
+    assert_eq!(t.counter("misses"), 1);
+    assert_eq!(t.counter("fast_errors"), 0);
+
+    // Missing in both: slow's NOT_FOUND, nothing copied.
+    let b = Digest::of(b"Other action");
+    let err = t.rc.get_action_result(&b).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.backend(), Some("slow"), "{err}");
+    assert_eq!(err.digest(), Some(&b));
+    assert_eq!(t.calls(), ["fast get", "slow get"]);
+    assert_eq!(t.fast.stored(&b).await, None);
+
+    // Both tiers' counters are reported below the node's.
+    let mut m = Vec::new();
+    t.rc.metrics(&mut m);
+    let paths: Vec<_> = m.iter().map(|m| (m.kind, m.path.as_str())).collect();
+    assert_eq!(
+        paths,
+        [
+            ("read_caching", "rc"),
+            ("memory", "fast"),
+            ("memory", "slow")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_fast_tier_falls_back_to_slow_and_is_counted() {
+    let t = tiers();
+    let a = Digest::of(b"Action");
+    t.slow
+        .inner
+        .update_action_result(&a, &exit(1))
+        .await
+        .unwrap();
+    t.fast.fail_gets(Some(Code::Unavailable));
+    assert_eq!(t.rc.get_action_result(&a).await.unwrap(), exit(1));
+    assert_eq!(t.calls(), ["fast get", "slow get", "fast update"]);
+    assert_eq!(t.counter("fast_errors"), 1);
+    assert_eq!(t.counter("misses"), 1);
+
+    // A fast tier that cannot store the copy does not fail the read either.
+    t.fast.fail_updates(Some(Code::ResourceExhausted));
+    assert_eq!(t.rc.get_action_result(&a).await.unwrap(), exit(1));
+    assert_eq!(t.counter("fast_errors"), 2);
+    assert_eq!(t.counter("fast_put_failures"), 1);
+
+    // A plain miss in fast is no error of fast's.
+    t.fast.fail_gets(None);
+    t.fast.fail_updates(None);
+    let b = Digest::of(b"Other action");
+    t.slow
+        .inner
+        .update_action_result(&b, &exit(2))
+        .await
+        .unwrap();
+    assert_eq!(t.rc.get_action_result(&b).await.unwrap(), exit(2));
+    assert_eq!(t.counter("fast_errors"), 2);
+
+    // Slow's failures are the caller's, with their code.
+    t.calls();
+    t.slow.fail_gets(Some(Code::Unavailable));
+    let c = Digest::of(b"Third action");
+    let err = t.rc.get_action_result(&c).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!(err.backend(), Some("slow"));
+    assert_eq!(t.calls(), ["fast get", "slow get"]);
+}
+
+#[tokio::test]
+async fn updates_go_to_slow_then_fast() {
+    let t = tiers();
+    let a = Digest::of(b"Action");
+    t.slow
+        .inner
+        .update_action_result(&a, &exit(1))
+        .await
+        .unwrap();
+    t.rc.get_action_result(&a).await.unwrap();
+    assert_eq!(t.fast.stored(&a).await, Some(exit(1)));
+    t.calls();
+
+    // The replacement reaches both: fast does not keep serving the old result.
+    t.rc.update_action_result(&a, &exit(2)).await.unwrap();
+    assert_eq!(t.calls(), ["slow update", "fast update"]);
+    assert_eq!(t.slow.stored(&a).await, Some(exit(2)));
+    assert_eq!(t.fast.stored(&a).await, Some(exit(2)));
+    assert_eq!(t.rc.get_action_result(&a).await.unwrap(), exit(2));
+
+    // Slow refuses: the update fails and fast is left alone.
+    t.calls();
+    t.slow.fail_updates(Some(Code::PermissionDenied));
+    let err = t.rc.update_action_result(&a, &exit(3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(t.calls(), ["slow update"]);
+    assert_eq!(t.fast.stored(&a).await, Some(exit(2)));
+
+    // Fast refuses: the update still succeeds, stored in slow.
+    t.slow.fail_updates(None);
+    t.fast.fail_updates(Some(Code::Internal));
+    let b = Digest::of(b"Other action");
+    t.rc.update_action_result(&b, &exit(4)).await.unwrap();
+    assert_eq!(t.slow.stored(&b).await, Some(exit(4)));
+    assert_eq!(t.fast.stored(&b).await, None);
+    assert_eq!(t.counter("fast_put_failures"), 1);
+}
+
+#[tokio::test]
+async fn update_enabled_follows_slow() {
+    let t = tiers();
+    assert!(t.rc.update_enabled().await);
+    t.fast.set_update_enabled(false);
+    assert!(t.rc.update_enabled().await);
+    t.slow.set_update_enabled(false);
+    assert!(!t.rc.update_enabled().await);
+    t.fast.set_update_enabled(true);
+    assert!(!t.rc.update_enabled().await);
 }
