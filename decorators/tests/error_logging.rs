@@ -1,7 +1,9 @@
 mod common;
 
+use blob_access::action_cache::{ActionCache, ActionResult};
 use blob_access::{BlobAccess, Code, Digest};
 use blob_access_decorators::error_logging::{ErrorLogging, Level, StatusCode};
+use common::ac::{ac_counter, CallLog, TestAc};
 use common::*;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -117,4 +119,131 @@ error_logging:
         "{text}"
     );
     assert!(!text.contains("s3cr3t"), "{text}");
+}
+
+fn ac_node(backend: Arc<TestAc>, levels: &[(StatusCode, Level)]) -> ErrorLogging<dyn ActionCache> {
+    let mut map = BTreeMap::from([(StatusCode::NotFound, Level::Info)]);
+    map.extend(levels.iter().copied());
+    ErrorLogging::new("action_cache.error_logging", backend, map, Level::Error)
+}
+
+#[tokio::test]
+async fn action_cache_failures_are_logged_and_passed_on_unchanged() {
+    let log = Captured::default();
+    let _guard = tracing::subscriber::set_default(log.subscriber());
+    let backend = TestAc::new("results", &CallLog::default());
+    let el = ac_node(backend.clone(), &[]);
+    let (a, b) = (Digest::of(b"Action a"), Digest::of(b"Action b"));
+
+    // A miss: NOT_FOUND at info, the backend's error as it was.
+    let err = el.get_action_result(&a).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.backend(), Some("results"), "{err}");
+    assert_eq!(err.digest(), Some(&a));
+    // A failed update: the injected error, unchanged, at error level.
+    backend.fail_updates(Some(Code::PermissionDenied));
+    let result = ActionResult {
+        exit_code: 1,
+        ..Default::default()
+    };
+    let err = el.update_action_result(&b, &result).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.message(), "injected PermissionDenied");
+    assert_eq!(err.backend(), Some("results"));
+    assert_eq!(err.digest(), Some(&b));
+
+    let text = log.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains(" INFO "), "{text}");
+    assert!(lines[0].contains("op=\"get_action_result\""), "{text}");
+    assert!(lines[0].contains(&a.to_string()), "{text}");
+    assert!(lines[0].contains("NotFound"), "{text}");
+    assert!(lines[1].contains(" ERROR "), "{text}");
+    assert!(lines[1].contains("op=\"update_action_result\""), "{text}");
+    assert!(lines[1].contains(&b.to_string()), "{text}");
+    assert!(lines[1].contains("PermissionDenied"), "{text}");
+    for line in &lines {
+        assert!(line.contains("node=action_cache.error_logging"), "{text}");
+        assert!(line.contains("duration_ms="), "{text}");
+    }
+    let counted = ac_counter(&el, "error_logging", "errors");
+    assert_eq!(counted, 2);
+}
+
+#[tokio::test]
+async fn action_cache_successes_are_silent_and_levels_apply() {
+    let log = Captured::default();
+    let _guard = tracing::subscriber::set_default(log.subscriber());
+    let backend = TestAc::new("results", &CallLog::default());
+    let el = ac_node(backend.clone(), &[(StatusCode::NotFound, Level::Off)]);
+    let a = Digest::of(b"Action");
+    let result = ActionResult {
+        stdout_raw: b"ok".to_vec(),
+        ..Default::default()
+    };
+    el.update_action_result(&a, &result).await.unwrap();
+    assert_eq!(el.get_action_result(&a).await.unwrap(), result);
+    // A miss, turned off.
+    let other = Digest::of(b"Other");
+    assert!(el.get_action_result(&other).await.is_err());
+    assert_eq!(log.text(), "");
+    // update_enabled is the backend's.
+    assert!(el.update_enabled().await);
+    backend.set_update_enabled(false);
+    assert!(!el.update_enabled().await);
+
+    backend.fail_gets(Some(Code::Unavailable));
+    let err = el.get_action_result(&a).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let text = log.text();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains(" ERROR ") && text.contains("Unavailable"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_action_cache_tree_from_yaml_logs_with_its_path() {
+    let log = Captured::default();
+    let _guard = tracing::subscriber::set_default(log.subscriber());
+    let yaml = "
+content_addressable_storage:
+  memory: {max_size_bytes: 1MiB}
+action_cache:
+  error_logging:
+    backend:
+      completeness_checking:
+        backend:
+          memory: {max_size_bytes: 1MiB}
+";
+    let config = blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "t").unwrap();
+    let storage = config.build(&blob_access::BuildContext::root()).unwrap();
+    let ac = storage.action_cache.unwrap();
+    let a = Digest::of(b"Action");
+    let missing_output = Digest::of(b"never uploaded");
+    let result = ActionResult {
+        output_files: vec![blob_access::proto::OutputFile {
+            path: "a.o".into(),
+            digest: Some(missing_output.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    ac.update_action_result(&a, &result).await.unwrap();
+    let err = ac.get_action_result(&a).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let text = log.text();
+    let logged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("op=\"get_action_result\""))
+        .collect();
+    assert_eq!(logged.len(), 1, "{text}");
+    assert!(
+        logged[0].contains("node=action_cache.error_logging"),
+        "{text}"
+    );
+    // Why the result was not served reaches the log.
+    assert!(logged[0].contains(&missing_output.to_string()), "{text}");
 }
