@@ -43,10 +43,9 @@ impl ResumableGrpcActionCache {
             };
             failed += 1;
             let failure = Failure::from_status(status);
-            let late = self.policy.deadline.is_some_and(|d| started.elapsed() >= d);
             let delay = match classify(&failure) {
                 Verdict::Retry { server_delay }
-                    if failed < self.policy.max_attempts_without_progress && !late =>
+                    if failed < self.policy.max_attempts_without_progress =>
                 {
                     server_delay.unwrap_or_else(|| self.policy.backoff(failed))
                 }
@@ -56,6 +55,15 @@ impl ResumableGrpcActionCache {
                 }
                 Verdict::Fatal => return Err(self.plain.error(failure.error, action)),
             };
+            // No wait that would end past the deadline, as for reads.
+            let late = self
+                .policy
+                .deadline
+                .is_some_and(|d| started.elapsed() + delay >= d);
+            if late {
+                self.counters.inc("give_ups");
+                return Err(self.plain.error(failure.error, action));
+            }
             self.counters.inc("retries");
             tracing::debug!(%action, attempt = failed, error = %failure.error, ?delay, "retrying an action cache call");
             tokio::time::sleep(delay).await;
