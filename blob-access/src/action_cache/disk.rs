@@ -153,6 +153,16 @@ impl ActionCache for DiskActionCache {
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
         let data = encode(action, result, &self.inner.name)?;
+        if data.len() as u64 > self.inner.max_size {
+            // Stored, it would evict every other result, then itself.
+            return Err(Error::resource_exhausted(format!(
+                "action result of {} bytes is larger than this action cache's {} byte limit",
+                data.len(),
+                self.inner.max_size
+            ))
+            .with_backend(self.inner.name.clone())
+            .with_digest(action));
+        }
         let (inner, a) = (self.inner.clone(), action.clone());
         tokio::task::spawn_blocking(move || inner.write(&a, &data))
             .await

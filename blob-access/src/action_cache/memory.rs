@@ -4,7 +4,7 @@
 use super::{decode, encode, not_found, ActionCache, ActionResult};
 use crate::memory::Store;
 use crate::node::Counters;
-use crate::{Digest, NodeMetrics, Result};
+use crate::{Digest, Error, NodeMetrics, Result};
 use std::sync::Mutex;
 
 /// See the module documentation.
@@ -51,6 +51,16 @@ impl ActionCache for MemoryActionCache {
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
         let data = encode(action, result, &self.name)?;
+        if data.len() as u64 > self.max_size {
+            // Stored, it would evict every other result, then itself.
+            return Err(Error::resource_exhausted(format!(
+                "action result of {} bytes is larger than this action cache's {} byte limit",
+                data.len(),
+                self.max_size
+            ))
+            .with_backend(self.name.clone())
+            .with_digest(action));
+        }
         self.counters.inc("updates");
         let evicted = self.store().insert(action.clone(), data, self.max_size);
         self.counters.add("evictions", evicted);
@@ -113,6 +123,26 @@ mod tests {
         assert_eq!(err.code(), Code::ResourceExhausted);
         assert_eq!(
             ac.get_action_result(&a).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn a_result_larger_than_the_cache_is_refused_and_evicts_nothing() {
+        let ac = MemoryActionCache::new("ac", 12);
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        ac.update_action_result(&a, &result(1)).await.unwrap();
+        let big = ActionResult {
+            stdout_raw: vec![1; 20],
+            ..Default::default()
+        };
+        let err = ac.update_action_result(&b, &big).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert_eq!(err.digest(), Some(&b));
+        assert_eq!(err.backend(), Some("ac"));
+        assert_eq!(ac.get_action_result(&a).await.unwrap(), result(1));
+        assert_eq!(
+            ac.get_action_result(&b).await.unwrap_err().code(),
             Code::NotFound
         );
     }
