@@ -79,19 +79,19 @@ impl BuildContext {
     }
     /// `node` wrapped to record its calls under this context's path, if metrics are on.
     pub fn instrument(&self, node: Arc<dyn BlobAccess>) -> Arc<dyn BlobAccess> {
-        match &self.metrics {
-            Some(m) => Arc::new(crate::metrics::Instrumented::new(
-                node,
-                &self.path,
-                m.clone(),
-            )),
-            None => node,
-        }
+        self.wrap(node, |n| Arc::new(n))
     }
     /// An action cache node wrapped like [`instrument`](Self::instrument) does.
     pub fn instrument_action_cache(&self, node: Arc<dyn ActionCache>) -> Arc<dyn ActionCache> {
+        self.wrap(node, |n| Arc::new(n))
+    }
+    fn wrap<T: ?Sized>(
+        &self,
+        node: Arc<T>,
+        boxed: impl FnOnce(crate::metrics::Instrumented<T>) -> Arc<T>,
+    ) -> Arc<T> {
         match &self.metrics {
-            Some(m) => Arc::new(crate::metrics::Instrumented::new(
+            Some(m) => boxed(crate::metrics::Instrumented::new(
                 node,
                 &self.path,
                 m.clone(),

@@ -8,8 +8,7 @@ use blob_access::action_cache::{ActionCache, GrpcActionCache};
 use blob_access::config_types::Duration;
 use blob_access::grpc::{GrpcConfig, GrpcConnection};
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
-use blob_access::proto::capabilities_client::CapabilitiesClient;
-use blob_access::proto::{ActionResult, GetCapabilitiesRequest, OutputFile};
+use blob_access::proto::{ActionResult, OutputFile};
 use blob_access::server::ServerConfig;
 use blob_access::{Code, Digest, NodeMetrics, Storage};
 use server_support::*;
@@ -69,20 +68,6 @@ fn counter(ac: &dyn ActionCache, name: &str) -> u64 {
         .find(|m| m.kind == "grpc")
         .and_then(|m| m.get(name))
         .unwrap_or_else(|| panic!("no counter {name} in {m:?}"))
-}
-
-async fn update_enabled_of(server: &TestServer) -> bool {
-    let mut caps = CapabilitiesClient::new(server.channel().await);
-    let caps = caps
-        .get_capabilities(GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    caps.cache_capabilities
-        .unwrap()
-        .action_cache_update_capabilities
-        .unwrap()
-        .update_enabled
 }
 
 #[tokio::test]
@@ -214,7 +199,7 @@ async fn a_server_in_front_announces_what_the_remote_allows() {
             Storage::new(memory.clone()).with_action_cache(Arc::new(node(&r.server.url, "")));
         let front = start_over(storage, memory, ServerConfig::default()).await;
         assert_eq!(
-            update_enabled_of(&front).await,
+            front.update_enabled().await,
             !read_only,
             "read_only remote: {read_only}"
         );

@@ -6,10 +6,8 @@ mod server_support;
 
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
 use blob_access::proto::action_cache_client::ActionCacheClient;
-use blob_access::proto::capabilities_client::CapabilitiesClient;
 use blob_access::proto::{
-    ActionResult, GetActionResultRequest, GetCapabilitiesRequest, OutputFile,
-    UpdateActionResultRequest,
+    ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
 };
 use blob_access::server::ServerConfig;
 use blob_access::{Code, Digest, Storage};
@@ -26,20 +24,6 @@ async fn start_with_ac(cfg: ServerConfig) -> TestServer {
 
 async fn ac(server: &TestServer) -> ActionCacheClient<Channel> {
     ActionCacheClient::new(server.channel().await).max_encoding_message_size(64 << 20)
-}
-
-async fn update_enabled(server: &TestServer) -> bool {
-    let mut caps = CapabilitiesClient::new(server.channel().await);
-    let caps = caps
-        .get_capabilities(GetCapabilitiesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    caps.cache_capabilities
-        .unwrap()
-        .action_cache_update_capabilities
-        .unwrap()
-        .update_enabled
 }
 
 fn get(action: Option<blob_access::proto::Digest>) -> GetActionResultRequest {
@@ -82,7 +66,7 @@ fn result_with_output(hash: &str, size: i64) -> ActionResult {
 #[tokio::test]
 async fn results_round_trip_and_updates_are_announced() {
     let server = start_with_ac(ServerConfig::default()).await;
-    assert!(update_enabled(&server).await);
+    assert!(server.update_enabled().await);
     let mut client = ac(&server).await;
     let action = Digest::of(b"Action").to_proto();
     let err = client
@@ -186,7 +170,7 @@ async fn a_read_only_cache_serves_results_and_refuses_updates() {
         ..Default::default()
     };
     let server = start_over(storage, memory, cfg).await;
-    assert!(!update_enabled(&server).await);
+    assert!(!server.update_enabled().await);
     let mut client = ac(&server).await;
     let got = client
         .get_action_result(get(Some(action.to_proto())))
@@ -215,7 +199,7 @@ async fn a_read_only_cache_serves_results_and_refuses_updates() {
 #[tokio::test]
 async fn without_an_action_cache_the_service_is_unimplemented() {
     let server = start(ServerConfig::default()).await;
-    assert!(!update_enabled(&server).await);
+    assert!(!server.update_enabled().await);
     let mut client = ac(&server).await;
     let action = Some(Digest::of(b"Action").to_proto());
     let e = client

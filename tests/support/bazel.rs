@@ -295,3 +295,36 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Builds from scratch, then after `bazel clean` builds again (after
+/// `between`, which may restart the cache; inside `around`, which may disturb
+/// it): every action of the second build must be a remote cache hit, and its
+/// outputs identical to the first's.
+pub fn build_clean_build(
+    bazel: &mut Bazel,
+    between: impl FnOnce(&mut Bazel),
+    around: impl FnOnce(&mut dyn FnMut() -> BuildSummary) -> BuildSummary,
+) {
+    let first = bazel.build(&[]);
+    assert!(first.success(), "first build failed:\n{}", first.stderr);
+    first.check_counts();
+    assert_eq!(first.remote_cache_hits(), 0, "{first:#?}");
+    let outputs = bazel.output_hashes();
+    assert!(outputs.contains_key("big.bin"), "{outputs:#?}");
+    between(bazel);
+    bazel.clean();
+    let second = around(&mut || bazel.build(&[]));
+    assert!(second.success(), "second build failed:\n{}", second.stderr);
+    second.check_counts();
+    assert_eq!(second.spawns.len(), first.spawns.len(), "{second:#?}");
+    assert_eq!(
+        second.executed(),
+        0,
+        "not all remote cache hits: {second:#?}"
+    );
+    assert_eq!(bazel.output_hashes(), outputs, "outputs differ");
+    eprintln!(
+        "first build {:.1?}, cached second build {:.1?}",
+        first.elapsed, second.elapsed
+    );
+}

@@ -66,6 +66,21 @@ impl TestServer {
     pub async fn cas(&self) -> ContentAddressableStorageClient<Channel> {
         ContentAddressableStorageClient::new(self.channel().await)
     }
+    /// What the server's Capabilities say of action result uploads.
+    pub async fn update_enabled(&self) -> bool {
+        use blob_access::proto::capabilities_client::CapabilitiesClient;
+        let mut caps = CapabilitiesClient::new(self.channel().await);
+        let caps = caps
+            .get_capabilities(blob_access::proto::GetCapabilitiesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        caps.cache_capabilities
+            .unwrap()
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    }
     /// Sends the shutdown signal without waiting.
     pub fn signal_stop(&mut self) {
         if let Some(s) = self.stop.take() {
