@@ -405,6 +405,7 @@ async fn the_retry_budget_is_respected() {
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert_eq!(err.digest(), Some(&a));
     assert_eq!(err.backend(), Some("ac.resumable_grpc"));
+    assert!(err.message().starts_with("gave up after 3 attempts: "), "{err}");
     assert_eq!(server.calls(), 3);
     assert_eq!(counter(&ac, "resumable_grpc", "retries"), 2);
     assert_eq!(counter(&ac, "resumable_grpc", "give_ups"), 1);

@@ -29,6 +29,19 @@ impl ResumableGrpcActionCache {
         }
     }
 
+    /// The last failure, saying how many attempts it ended.
+    fn give_up(
+        &self,
+        last: blob_access::Error,
+        attempts: u32,
+        action: &Digest,
+    ) -> blob_access::Error {
+        self.counters.inc("give_ups");
+        let message = format!("gave up after {attempts} attempts: {}", last.message());
+        self.plain
+            .error(blob_access::Error::new(last.code(), message), action)
+    }
+
     async fn retrying<T, F, Fut>(&self, action: &Digest, mut call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
@@ -49,10 +62,7 @@ impl ResumableGrpcActionCache {
                 {
                     server_delay.unwrap_or_else(|| self.policy.backoff(failed))
                 }
-                Verdict::Retry { .. } => {
-                    self.counters.inc("give_ups");
-                    return Err(self.plain.error(failure.error, action));
-                }
+                Verdict::Retry { .. } => return Err(self.give_up(failure.error, failed, action)),
                 Verdict::Fatal => return Err(self.plain.error(failure.error, action)),
             };
             // No wait that would end past the deadline, as for reads.
@@ -61,8 +71,7 @@ impl ResumableGrpcActionCache {
                 .deadline
                 .is_some_and(|d| started.elapsed() + delay >= d);
             if late {
-                self.counters.inc("give_ups");
-                return Err(self.plain.error(failure.error, action));
+                return Err(self.give_up(failure.error, failed, action));
             }
             self.counters.inc("retries");
             tracing::debug!(%action, attempt = failed, error = %failure.error, ?delay, "retrying an action cache call");
