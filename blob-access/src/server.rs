@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// After the shutdown signal, how long running transfers may go on before they
     /// are ended with UNAVAILABLE.
     pub shutdown_grace: Duration,
+    /// Directories one GetTree call sends at most; its last page's token continues.
+    pub max_tree_directories_per_call: usize,
     /// Refuse UpdateActionResult (PERMISSION_DENIED) and advertise updates as
     /// disabled: clients read results others wrote, and upload none.
     pub action_cache_read_only: bool,
@@ -76,6 +78,7 @@ impl Default for ServerConfig {
             read_chunk_size: 1 << 20,
             zstd_level: 1,
             shutdown_grace: Duration::from_secs(30),
+            max_tree_directories_per_call: 100_000,
             action_cache_read_only: false,
         }
     }

@@ -110,6 +110,8 @@ async fn walk(server: &TestServer, root: &Digest, page_size: i32) -> (Vec<Digest
             if page_size > 0 {
                 assert!(page.directories.len() <= page_size as usize);
             }
+            let bytes: usize = page.directories.iter().map(|d| d.encoded_len()).sum();
+            assert!(bytes <= 4 << 20, "a page of {bytes} bytes");
             got.extend(
                 page.directories
                     .iter()
@@ -140,7 +142,11 @@ async fn random_trees_arrive_whole_in_pages() {
 
 #[tokio::test]
 async fn one_call_does_bounded_work_and_its_token_continues() {
-    let server = start(ServerConfig::default()).await;
+    let server = start(ServerConfig {
+        max_tree_directories_per_call: 4_000,
+        ..Default::default()
+    })
+    .await;
     // A root with more children than one call sends.
     let mut root = Directory::default();
     for i in 0..10_050u32 {
@@ -161,7 +167,8 @@ async fn one_call_does_bounded_work_and_its_token_continues() {
     let root = store(&server, &root).await;
     let (got, calls) = walk(&server, &root, 0).await;
     assert_eq!(got.len(), 10_051);
-    assert_eq!(calls, 2, "one call sent more than its bound");
+    assert_eq!(got.iter().collect::<BTreeSet<_>>().len(), 10_051);
+    assert_eq!(calls, 3, "one call sent more than its bound");
 }
 
 #[tokio::test]
@@ -198,19 +205,113 @@ async fn broken_trees_and_tokens_get_clear_statuses() {
     let e = first_error(cas.get_tree(request(&bad, 0, String::new())).await).await;
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
+    // A missing subdirectory is left out (REAPI), the rest of the tree is sent.
+    let present = store(&server, &Directory::default()).await;
     let parent = Directory {
-        directories: vec![DirectoryNode {
-            name: "gone".into(),
-            digest: Some(missing.to_proto()),
-        }],
+        directories: vec![
+            DirectoryNode {
+                name: "gone".into(),
+                digest: Some(missing.to_proto()),
+            },
+            DirectoryNode {
+                name: "here".into(),
+                digest: Some(present.to_proto()),
+            },
+        ],
         ..Default::default()
     };
     let parent = store(&server, &parent).await;
-    let e = first_error(cas.get_tree(request(&parent, 0, String::new())).await).await;
-    assert_eq!(e.code(), Code::NotFound);
+    let (got, _) = walk(&server, &parent, 0).await;
+    assert_eq!(got, vec![parent.clone(), present]);
 
-    for token in ["nonsense", "ab/1,", &format!("{}/x", "a".repeat(64))] {
+    for token in ["nonsense", "-1", "ab/1,", &format!("{}/x", "a".repeat(64))] {
         let e = first_error(cas.get_tree(request(&parent, 0, token.to_string())).await).await;
         assert_eq!(e.code(), Code::InvalidArgument, "{token}: {e:?}");
     }
+}
+
+/// Every page's token, given to a new call, continues right after that page:
+/// what a client does after its stream was cut.
+#[tokio::test]
+async fn every_token_resumes_where_its_page_ended() {
+    let server = start(ServerConfig::default()).await;
+    let (root, _) = random_tree(&server, 42, 120).await;
+    let mut cas = server.cas().await;
+    let mut pages = Vec::new();
+    let mut stream = cas
+        .get_tree(request(&root, 3, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(page) = stream.next().await {
+        let page = page.unwrap();
+        let dirs: Vec<Digest> = page
+            .directories
+            .iter()
+            .map(|d| Digest::of(&d.encode_to_vec()))
+            .collect();
+        pages.push((dirs, page.next_page_token));
+    }
+    assert!(pages.len() > 3, "too few pages to test: {}", pages.len());
+    assert!(pages.last().unwrap().1.is_empty());
+    for (i, (_, token)) in pages.iter().enumerate().take(pages.len() - 1) {
+        let rest: Vec<Digest> = pages[i + 1..].iter().flat_map(|(d, _)| d.clone()).collect();
+        let mut resumed = Vec::new();
+        let mut stream = cas
+            .get_tree(request(&root, 3, token.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(page) = stream.next().await {
+            let page = page.unwrap();
+            resumed.extend(
+                page.directories
+                    .iter()
+                    .map(|d| Digest::of(&d.encode_to_vec())),
+            );
+        }
+        assert_eq!(resumed, rest, "resuming with token {token}");
+    }
+}
+
+#[tokio::test]
+async fn pages_stay_under_four_mebibytes() {
+    let server = start(ServerConfig::default()).await;
+    let mut root = Directory::default();
+    for i in 0..9u32 {
+        // About 1.5 MiB each: two per page at most.
+        let files = (0..20_000u32)
+            .map(|f| FileNode {
+                name: format!("{i}-{f:05}-{}", "x".repeat(6)),
+                digest: Some(Digest::of(&f.to_le_bytes()).to_proto()),
+                ..Default::default()
+            })
+            .collect();
+        let big = Directory {
+            files,
+            ..Default::default()
+        };
+        let d = store(&server, &big).await;
+        root.directories.push(DirectoryNode {
+            name: format!("big{i}"),
+            digest: Some(d.to_proto()),
+        });
+    }
+    let root = store(&server, &root).await;
+    let mut cas = server.cas().await;
+    let mut stream = cas
+        .get_tree(request(&root, 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut pages, mut dirs) = (0, 0);
+    while let Some(page) = stream.next().await {
+        let page = page.unwrap();
+        let bytes: usize = page.directories.iter().map(|d| d.encoded_len()).sum();
+        assert!(bytes <= 4 << 20, "a page of {bytes} bytes");
+        pages += 1;
+        dirs += page.directories.len();
+    }
+    assert_eq!(dirs, 10);
+    assert!(pages >= 5, "{pages} pages for 9 directories of 1.5 MiB");
 }

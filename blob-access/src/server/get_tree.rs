@@ -1,16 +1,21 @@
 //! GetTree: the `Directory` messages of a tree, breadth first, in pages, over
 //! any CAS tree (each one read and verified through `get`).
 //!
-//! The page token is the list of directories still to visit (`HASH/SIZE,...`),
-//! so that paging needs no state on the server and survives a restart or a
-//! load balancer. One call sends at most [`MAX_PER_CALL`] directories, however
-//! large the tree: that bounds the work and memory one request may cause; the
-//! last message's token continues where it stopped.
+//! A call streams the whole tree, each distinct directory once, in pages of at
+//! most `page_size` directories and [`PAGE_BYTES`] (what common clients accept
+//! in one message). Directories missing from the CAS are left out, as REAPI
+//! asks; a missing root is NOT_FOUND. The page token is the number of
+//! directories walked so far in this deterministic order: paging needs no
+//! state on the server (a restart or another server behind a balancer
+//! continues the walk), and a resumed call walks that far again without
+//! sending it. One call sends at most `ServerConfig::max_tree_directories_per_call`
+//! directories, which bounds its work and time; its last page's token
+//! continues the walk.
 
 use super::cas::parse_digest;
 use super::{check_digest_function, Shared};
 use crate::proto::{Directory, GetTreeRequest, GetTreeResponse};
-use crate::{util, Digest, ReadRange};
+use crate::{util, Code, Digest, ReadRange};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use prost::Message;
@@ -19,8 +24,8 @@ use tonic::Status;
 
 /// Directories per page when the client leaves `page_size` at 0.
 const DEFAULT_PAGE: usize = 1_000;
-/// Directories one call sends at most, whatever `page_size` says.
-pub(super) const MAX_PER_CALL: usize = 10_000;
+/// Bytes of directories per page: under the 4 MiB message limit of most clients.
+pub(super) const PAGE_BYTES: u64 = (4 << 20) - (64 << 10);
 /// Directory blobs read at once.
 const CONCURRENCY: usize = 16;
 
@@ -30,19 +35,25 @@ pub(super) fn get_tree(shared: Shared, req: GetTreeRequest) -> Result<Pages, Sta
     shared.check_instance(&req.instance_name)?;
     check_digest_function(req.digest_function)?;
     let root = parse_digest(req.root_digest.as_ref())?;
-    let pending = if req.page_token.is_empty() {
-        VecDeque::from([root])
-    } else {
-        parse_token(&req.page_token)?
+    let skip = match req.page_token.as_str() {
+        "" => 0,
+        t => t.parse::<usize>().map_err(|_| {
+            Status::invalid_argument(format!(
+                "page_token {t:?} is not one this server gave (a number of directories)"
+            ))
+        })?,
     };
     let page_size = match req.page_size {
         n if n <= 0 => DEFAULT_PAGE,
-        n => (n as usize).min(MAX_PER_CALL),
+        n => n as usize,
     };
     let walk = Walk {
         shared,
-        pending,
-        seen: HashSet::new(),
+        root: root.clone(),
+        pending: VecDeque::from([root.clone()]),
+        queued: HashSet::from([root]),
+        walked: 0,
+        skip,
         sent: 0,
         page_size,
     };
@@ -50,7 +61,8 @@ pub(super) fn get_tree(shared: Shared, req: GetTreeRequest) -> Result<Pages, Sta
         let mut walk = walk?;
         match walk.next_page().await {
             Ok(page) => {
-                let more = !page.next_page_token.is_empty() && walk.sent < MAX_PER_CALL;
+                let max = walk.shared.cfg.max_tree_directories_per_call;
+                let more = !page.next_page_token.is_empty() && walk.sent < max;
                 Some((Ok(page), more.then_some(walk)))
             }
             Err(s) => Some((Err(s), None)),
@@ -61,9 +73,15 @@ pub(super) fn get_tree(shared: Shared, req: GetTreeRequest) -> Result<Pages, Sta
 
 struct Walk {
     shared: Shared,
+    root: Digest,
+    /// Directories to read, in breadth-first order.
     pending: VecDeque<Digest>,
-    /// Directories sent by this call: a directory shared by several paths is sent once.
-    seen: HashSet<Digest>,
+    /// Every directory ever queued: each distinct one is walked once.
+    queued: HashSet<Digest>,
+    /// Directories walked (read, or found missing) since the root.
+    walked: usize,
+    /// Directories walked by earlier calls, not to be sent again.
+    skip: usize,
     sent: usize,
     page_size: usize,
 }
@@ -71,49 +89,64 @@ struct Walk {
 impl Walk {
     async fn next_page(&mut self) -> Result<GetTreeResponse, Status> {
         let mut directories = Vec::new();
-        let mut bytes = 0usize;
-        // Leave room in the message for the token.
-        let max_bytes = self.shared.cfg.max_message_size / 2;
+        let mut bytes = 0u64;
         while directories.len() < self.page_size && !self.pending.is_empty() {
-            let want = (self.page_size - directories.len()).min(CONCURRENCY * 4);
-            let batch: Vec<Digest> = std::iter::from_fn(|| self.pending.pop_front())
-                .filter(|d| self.seen.insert(d.clone()))
-                .take(want)
-                .collect();
+            // The next directories that fit in the page (at least one, however large).
+            let mut batch = Vec::new();
+            while let Some(d) = self.pending.front() {
+                let sending = self.walked + batch.len() >= self.skip;
+                let fits = bytes + d.size_bytes() <= PAGE_BYTES || bytes == 0;
+                let room = directories.len() + batch.len() < self.page_size;
+                if batch.len() == CONCURRENCY || (sending && (!fits || !room)) {
+                    break;
+                }
+                if sending {
+                    bytes += d.size_bytes();
+                }
+                batch.extend(self.pending.pop_front());
+            }
+            if batch.is_empty() {
+                break;
+            }
             let shared = self.shared.clone();
-            let read = batch.into_iter().map(move |d| read(shared.clone(), d));
-            let read: Vec<_> = futures::stream::iter(read)
+            let reads = batch
+                .clone()
+                .into_iter()
+                .map(move |d| read(shared.clone(), d));
+            let read: Vec<_> = futures::stream::iter(reads)
                 .buffered(CONCURRENCY)
                 .collect()
                 .await;
-            for dir in read {
-                let (dir, size) = dir?;
+            for (d, dir) in batch.iter().zip(read) {
+                self.walked += 1;
+                let dir = match dir {
+                    Ok(dir) => dir,
+                    // REAPI: the missing parts of a tree are left out; only the root must be there.
+                    Err(s) if s.code() == Code::NotFound && *d != self.root => continue,
+                    Err(s) => return Err(s),
+                };
                 for child in &dir.directories {
-                    let d = parse_digest(child.digest.as_ref()).map_err(|s| {
+                    let c = parse_digest(child.digest.as_ref()).map_err(|s| {
                         Status::failed_precondition(format!(
-                            "directory {:?} of the tree: {}",
+                            "directory {d}: subdirectory {:?}: {}",
                             child.name,
                             s.message()
                         ))
                     })?;
-                    self.pending.push_back(d);
+                    if self.queued.insert(c.clone()) {
+                        self.pending.push_back(c);
+                    }
                 }
-                bytes += size;
-                directories.push(dir);
-            }
-            if bytes >= max_bytes {
-                break;
+                if self.walked > self.skip {
+                    directories.push(dir);
+                }
             }
         }
         self.sent += directories.len();
-        let next_page_token = token(&self.pending);
-        // A tree so wide that the directories still to visit do not fit in a message.
-        if next_page_token.len() > max_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "the tree is too wide to page: {} directories wait at one level",
-                self.pending.len()
-            )));
-        }
+        let next_page_token = match self.pending.is_empty() {
+            true => String::new(),
+            false => self.walked.to_string(),
+        };
         Ok(GetTreeResponse {
             directories,
             next_page_token,
@@ -121,7 +154,7 @@ impl Walk {
     }
 }
 
-async fn read(shared: Shared, d: Digest) -> Result<(Directory, usize), Status> {
+async fn read(shared: Shared, d: Digest) -> Result<Directory, Status> {
     let max = shared.cfg.max_message_size / 2;
     if d.size_bytes() > max as u64 {
         return Err(Status::failed_precondition(format!(
@@ -129,23 +162,7 @@ async fn read(shared: Shared, d: Digest) -> Result<(Directory, usize), Status> {
         )));
     }
     let data = util::read_to_bytes(&*shared.backend, &d, ReadRange::FULL, max).await?;
-    let dir = Directory::decode(data).map_err(|e| {
+    Directory::decode(data).map_err(|e| {
         Status::failed_precondition(format!("blob {d} is not a Directory message: {e}"))
-    })?;
-    Ok((dir, d.size_bytes() as usize))
-}
-
-fn token(pending: &VecDeque<Digest>) -> String {
-    let names: Vec<String> = pending.iter().map(Digest::to_string).collect();
-    names.join(",")
-}
-
-fn parse_token(token: &str) -> Result<VecDeque<Digest>, Status> {
-    token
-        .split(',')
-        .map(|d| {
-            d.parse::<Digest>()
-                .map_err(|e| Status::invalid_argument(format!("page_token: {e}")))
-        })
-        .collect()
+    })
 }
