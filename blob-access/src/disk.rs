@@ -89,6 +89,11 @@ impl Index {
         index
     }
 
+    /// Whether `d` is stored, leaving its recency as it is.
+    pub(crate) fn contains(&self, d: &Digest) -> bool {
+        self.lru.contains(d)
+    }
+
     /// Whether `d` is stored; marks it used.
     pub(crate) fn touch(&mut self, d: &Digest) -> bool {
         self.lru.get(d).is_some()
@@ -232,12 +237,16 @@ impl Inner {
     }
 
     fn evict(&self) {
-        // Files are deleted after the lock is released: readers and writers
-        // of other blobs need not wait for the unlinks.
         let evicted = self.index().over(self.max_size);
         for d in &evicted {
-            // Readers that have the file open keep reading it (unlink semantics).
-            let _ = std::fs::remove_file(self.path_of(d));
+            // One unlink per lock: others need not wait for all of them. Under
+            // the lock, and only if no put stored the blob again meanwhile
+            // (puts rename and index under the same lock), or its new file
+            // would go. Readers that have the file open keep reading it.
+            let index = self.index();
+            if !index.contains(d) {
+                let _ = std::fs::remove_file(self.path_of(d));
+            }
         }
         self.counters.add("evictions", evicted.len() as u64);
     }
@@ -271,8 +280,10 @@ impl Inner {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io("creating a directory", e))?;
         }
+        let mut index = self.index();
         tmp.persist(&path)
             .map_err(|e| io("renaming into place", e.error))?;
+        index.insert(digest.clone(), digest.size_bytes());
         Ok(())
     }
 }
@@ -427,7 +438,6 @@ impl BlobAccess for DiskBlobAccess {
         writer
             .await
             .map_err(|e| inner.error(Error::internal(format!("writer task: {e}")), digest))??;
-        inner.index().insert(digest.clone(), digest.size_bytes());
         inner.counters.add("bytes_written", digest.size_bytes());
         inner.evict();
         Ok(())

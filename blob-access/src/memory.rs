@@ -41,33 +41,41 @@ impl BuildNode for MemoryConfig {
     }
 }
 
-/// Values by digest in recency order, with their total size; shared with the
-/// in-memory action cache.
+/// Values by digest in recency order, with their total cost; shared with the
+/// in-memory action cache, whose small entries also cost their key and node.
 pub(crate) struct Store {
     pub(crate) blobs: LruCache<Digest, Bytes>,
     pub(crate) size: u64,
+    /// Bytes counted per entry beyond its value.
+    overhead: u64,
 }
 
 impl Store {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(overhead: u64) -> Self {
         Store {
             blobs: LruCache::unbounded(),
             size: 0,
+            overhead,
         }
+    }
+
+    /// What `data` costs stored.
+    pub(crate) fn cost(&self, data: &Bytes) -> u64 {
+        data.len() as u64 + self.overhead
     }
 
     /// Stores `data` under `key`, then evicts the least recently used values
     /// beyond `max_size`; returns how many were evicted.
     pub(crate) fn insert(&mut self, key: Digest, data: Bytes, max_size: u64) -> u64 {
-        self.size += data.len() as u64;
+        self.size += self.cost(&data);
         if let Some(old) = self.blobs.put(key, data) {
-            self.size -= old.len() as u64;
+            self.size -= self.cost(&old);
         }
         let mut evicted = 0;
         while self.size > max_size {
             match self.blobs.pop_lru() {
                 Some((_, old)) => {
-                    self.size -= old.len() as u64;
+                    self.size -= self.cost(&old);
                     evicted += 1;
                 }
                 None => break,
@@ -97,7 +105,7 @@ impl MemoryBlobAccess {
                 name.into()
             },
             max_size: max_size_bytes,
-            store: Arc::new(Mutex::new(Store::new())),
+            store: Arc::new(Mutex::new(Store::new(0))),
             counters: Counters::new(COUNTERS),
         }
     }

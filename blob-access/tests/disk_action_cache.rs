@@ -156,11 +156,14 @@ async fn results_survive_reopening() {
     assert!(!stored(&ac, &action("never written")).await);
 }
 
+/// Room for three small results: each costs a whole 4 KiB block on disk.
+const MAX: u64 = 3 * 4096 + 2048;
+
 #[tokio::test]
 async fn evicts_the_least_recently_used_beyond_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    // Each result takes 100 bytes: three fit in 350.
-    let ac = DiskActionCache::open("disk", dir.path(), 350).unwrap();
+    // Each small result costs one 4 KiB block: three fit.
+    let ac = DiskActionCache::open("disk", dir.path(), MAX).unwrap();
     let [a, b, c, d] = ["a", "b", "c", "d"].map(action);
     for (i, x) in [&a, &b, &c].into_iter().enumerate() {
         ac.update_action_result(x, &result(i as u8, 98))
@@ -179,7 +182,7 @@ async fn evicts_the_least_recently_used_beyond_the_limit() {
     assert_eq!(files_under(&dir.path().join("action-cache/objects")), 3);
 
     // The reads above made `a` the least recently used; a larger result
-    // evicts just it (100 + 100 + 122 bytes fit in 350).
+    // (still one block) evicts just it.
     let e = action("e");
     ac.update_action_result(&e, &result(4, 120)).await.unwrap();
     assert!(!stored(&ac, &a).await);
@@ -192,7 +195,7 @@ async fn evicts_the_least_recently_used_beyond_the_limit() {
     // a blob, rather than flushing every other result and then itself.
     let too_big = action("too big");
     let err = ac
-        .update_action_result(&too_big, &result(5, 400))
+        .update_action_result(&too_big, &result(5, 15_000))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
@@ -211,7 +214,7 @@ async fn recency_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let [a, b, c, d] = ["a", "b", "c", "d"].map(action);
     {
-        let ac = DiskActionCache::open("disk", dir.path(), 350).unwrap();
+        let ac = DiskActionCache::open("disk", dir.path(), MAX).unwrap();
         for (i, x) in [&a, &b, &c].into_iter().enumerate() {
             ac.update_action_result(x, &result(i as u8, 98))
                 .await
@@ -225,10 +228,10 @@ async fn recency_survives_reopening() {
     {
         // Read after the restart: `a` is the most recently used, and that must
         // be on disk for the next restart to know.
-        let ac = DiskActionCache::open("disk", dir.path(), 350).unwrap();
+        let ac = DiskActionCache::open("disk", dir.path(), MAX).unwrap();
         ac.get_action_result(&a).await.unwrap();
     }
-    let ac = DiskActionCache::open("disk", dir.path(), 350).unwrap();
+    let ac = DiskActionCache::open("disk", dir.path(), MAX).unwrap();
     ac.update_action_result(&d, &result(3, 98)).await.unwrap();
     assert!(!stored(&ac, &b).await, "b was the least recently used");
     for x in [&a, &c, &d] {
@@ -238,7 +241,7 @@ async fn recency_survives_reopening() {
     // A smaller limit on reopening evicts down to it, least recent first:
     // `a`, `c` and `d` were just read in that order.
     drop(ac);
-    let ac = DiskActionCache::open("disk", dir.path(), 250).unwrap();
+    let ac = DiskActionCache::open("disk", dir.path(), 2 * 4096).unwrap();
     assert_eq!(counter(&ac, "evictions"), 1);
     assert!(!file_of(dir.path(), &a).exists());
     assert!(!stored(&ac, &a).await);
@@ -356,12 +359,12 @@ async fn a_cas_and_an_action_cache_on_the_same_path_keep_apart() {
     assert!(file_of(dir.path(), &a).exists());
     drop(cas);
 
-    // Both back; now the action cache with a limit below the CAS's 5000 bytes
+    // Both back; now the action cache with room for its one result only
     // (had it counted the CAS's files, it would evict its own result).
     let cas = DiskBlobAccess::open("cas", dir.path(), 1 << 20).unwrap();
     cas.put(&d, once(blob.clone())).await.unwrap();
     std::fs::write(&cas_tmp, b"x").unwrap();
-    let ac = DiskActionCache::open("ac", dir.path(), 100).unwrap();
+    let ac = DiskActionCache::open("ac", dir.path(), 4096).unwrap();
     assert!(!ac_tmp.exists());
     assert!(
         cas_tmp.exists(),
@@ -456,4 +459,18 @@ async fn concurrent_updates_and_reads_never_see_a_partial_result() {
     }
     assert_eq!(files_under(&dir.path().join("action-cache/objects")), 1);
     assert_eq!(files_under(&dir.path().join("action-cache/tmp")), 0);
+}
+
+#[tokio::test]
+async fn many_tiny_results_cost_at_least_a_block_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let ac = DiskActionCache::open("disk", dir.path(), 64 << 10).unwrap();
+    for i in 0..100u32 {
+        let a = Digest::of(&i.to_le_bytes());
+        ac.update_action_result(&a, &ActionResult::default())
+            .await
+            .unwrap();
+    }
+    // Empty results, yet no more files than 64 KiB of blocks.
+    assert_eq!(files_under(&dir.path().join("action-cache/objects")), 16);
 }

@@ -5,7 +5,7 @@
 //! results are deleted beyond `max_size_bytes`; reads refresh a file's
 //! modification time, from which recency is rebuilt on open.
 
-use super::{decode, encode, not_found, ActionCache, ActionResult};
+use super::{check_fits, decode, encode, not_found, ActionCache, ActionResult};
 use crate::disk::{digest_of_path, object_path, walk, Index};
 use crate::node::Counters;
 use crate::{Digest, Error, NodeMetrics, Result};
@@ -27,7 +27,20 @@ struct Inner {
     counters: Counters,
 }
 
-const COUNTERS: &[&str] = &["hits", "misses", "updates", "evictions", "corrupted"];
+const COUNTERS: &[&str] = &[
+    "hits",
+    "misses",
+    "updates",
+    "evictions",
+    "corrupted",
+    "errors",
+];
+
+/// What a result of `len` bytes costs on disk: whole blocks, at least one, so
+/// that many tiny results cannot outgrow `max_size_bytes` in inodes and blocks.
+fn cost(len: u64) -> u64 {
+    len.div_ceil(4096).max(1) * 4096
+}
 
 impl DiskActionCache {
     /// Opens (or creates) the action cache under `root`, rebuilding its index
@@ -51,7 +64,7 @@ impl DiskActionCache {
             match digest_of_path(&objects, &path) {
                 Some(d) => {
                     let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                    found.push((mtime, d, meta.len()));
+                    found.push((mtime, d, cost(meta.len())));
                 }
                 None => {
                     tracing::warn!(path = %path.display(), "ignoring a file that is not an action result")
@@ -78,10 +91,16 @@ impl Inner {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Forgets the least recently used results beyond the limit and deletes
+    /// their files, each under the lock and only if no update stored it again
+    /// meanwhile (updates rename and index under the same lock).
     fn evict(&self) {
         let evicted = self.index().over(self.max_size);
         for d in &evicted {
-            let _ = std::fs::remove_file(object_path(&self.objects, d));
+            let index = self.index();
+            if !index.contains(d) {
+                let _ = std::fs::remove_file(object_path(&self.objects, d));
+            }
         }
         self.counters.add("evictions", evicted.len() as u64);
     }
@@ -126,9 +145,12 @@ impl Inner {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io("creating a directory", e))?;
         }
-        tmp.persist(&path)
-            .map_err(|e| io("renaming into place", e.error))?;
-        self.index().insert(action.clone(), data.len() as u64);
+        {
+            let mut index = self.index();
+            tmp.persist(&path)
+                .map_err(|e| io("renaming into place", e.error))?;
+            index.insert(action.clone(), cost(data.len() as u64));
+        }
         self.evict();
         Ok(())
     }
@@ -146,23 +168,19 @@ impl ActionCache for DiskActionCache {
         let result = tokio::task::spawn_blocking(move || inner.read(&a))
             .await
             .map_err(|e| Error::internal(format!("reader task: {e}")))?;
-        let hit = if result.is_ok() { "hits" } else { "misses" };
-        self.inner.counters.inc(hit);
+        let outcome = match &result {
+            Ok(_) => "hits",
+            Err(e) if e.code() == crate::Code::NotFound => "misses",
+            Err(_) => "errors",
+        };
+        self.inner.counters.inc(outcome);
         result
     }
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
         let data = encode(action, result, &self.inner.name)?;
-        if data.len() as u64 > self.inner.max_size {
-            // Stored, it would evict every other result, then itself.
-            return Err(Error::resource_exhausted(format!(
-                "action result of {} bytes is larger than this action cache's {} byte limit",
-                data.len(),
-                self.inner.max_size
-            ))
-            .with_backend(self.inner.name.clone())
-            .with_digest(action));
-        }
+        let (max, name) = (self.inner.max_size, &self.inner.name);
+        check_fits(action, cost(data.len() as u64), max, name)?;
         let (inner, a) = (self.inner.clone(), action.clone());
         tokio::task::spawn_blocking(move || inner.write(&a, &data))
             .await

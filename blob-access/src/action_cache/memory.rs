@@ -1,10 +1,10 @@
 //! An in-memory action cache bounded by total size, least recently used
 //! results evicted first: the embedded default of `serve`.
 
-use super::{decode, encode, not_found, ActionCache, ActionResult};
+use super::{check_fits, decode, encode, not_found, ActionCache, ActionResult};
 use crate::memory::Store;
 use crate::node::Counters;
-use crate::{Digest, Error, NodeMetrics, Result};
+use crate::{Digest, NodeMetrics, Result};
 use std::sync::Mutex;
 
 /// See the module documentation.
@@ -17,13 +17,17 @@ pub struct MemoryActionCache {
 
 const COUNTERS: &[&str] = &["hits", "misses", "updates", "evictions"];
 
+/// What an entry costs beyond its encoded result (key, hash string, LRU node):
+/// counted so that many tiny results cannot outgrow `max_size_bytes`.
+pub(crate) const ENTRY_OVERHEAD: u64 = 256;
+
 impl MemoryActionCache {
     /// `name` identifies this node in errors and metrics.
     pub fn new(name: &str, max_size_bytes: u64) -> Self {
         MemoryActionCache {
             name: if name.is_empty() { "memory" } else { name }.into(),
             max_size: max_size_bytes,
-            store: Mutex::new(Store::new()),
+            store: Mutex::new(Store::new(ENTRY_OVERHEAD)),
             counters: Counters::new(COUNTERS),
         }
     }
@@ -51,16 +55,8 @@ impl ActionCache for MemoryActionCache {
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
         let data = encode(action, result, &self.name)?;
-        if data.len() as u64 > self.max_size {
-            // Stored, it would evict every other result, then itself.
-            return Err(Error::resource_exhausted(format!(
-                "action result of {} bytes is larger than this action cache's {} byte limit",
-                data.len(),
-                self.max_size
-            ))
-            .with_backend(self.name.clone())
-            .with_digest(action));
-        }
+        let cost = data.len() as u64 + ENTRY_OVERHEAD;
+        check_fits(action, cost, self.max_size, &self.name)?;
         self.counters.inc("updates");
         let evicted = self.store().insert(action.clone(), data, self.max_size);
         self.counters.add("evictions", evicted);
@@ -86,7 +82,9 @@ mod tests {
 
     #[tokio::test]
     async fn stores_replaces_and_evicts() {
-        let ac = MemoryActionCache::new("ac", 12);
+        // Room for six entries of 2 bytes each.
+        let max = 6 * (2 + ENTRY_OVERHEAD);
+        let ac = MemoryActionCache::new("ac", max);
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         let err = ac.get_action_result(&a).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
@@ -94,7 +92,7 @@ mod tests {
         ac.update_action_result(&a, &result(1)).await.unwrap();
         ac.update_action_result(&a, &result(2)).await.unwrap();
         assert_eq!(ac.get_action_result(&a).await.unwrap(), result(2));
-        // Each result encodes to 2 bytes; 7 of them exceed 12 bytes, evicting `a`.
+        // Each result encodes to 2 bytes; 7 more exceed the room for six, evicting `a`.
         for i in 3..10 {
             ac.update_action_result(&Digest::of(&[i]), &result(i as i32))
                 .await
@@ -104,7 +102,7 @@ mod tests {
             ac.get_action_result(&a).await.unwrap_err().code(),
             Code::NotFound
         );
-        assert!(ac.store().size <= 12);
+        assert!(ac.store().size <= max);
         assert_eq!(
             ac.get_action_result(&b).await.unwrap_err().code(),
             Code::NotFound
@@ -129,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_result_larger_than_the_cache_is_refused_and_evicts_nothing() {
-        let ac = MemoryActionCache::new("ac", 12);
+        let ac = MemoryActionCache::new("ac", 12 + ENTRY_OVERHEAD);
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         ac.update_action_result(&a, &result(1)).await.unwrap();
         let big = ActionResult {
@@ -144,6 +142,25 @@ mod tests {
         assert_eq!(
             ac.get_action_result(&b).await.unwrap_err().code(),
             Code::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn many_tiny_results_stay_within_the_limit() {
+        let max = 64 << 10;
+        let ac = MemoryActionCache::new("ac", max);
+        for i in 0..10_000u32 {
+            let action = Digest::of(&i.to_le_bytes());
+            ac.update_action_result(&action, &ActionResult::default())
+                .await
+                .unwrap();
+        }
+        let store = ac.store();
+        assert!(store.size <= max);
+        assert!(
+            store.blobs.len() as u64 <= max / ENTRY_OVERHEAD,
+            "{}",
+            store.blobs.len()
         );
     }
 }
