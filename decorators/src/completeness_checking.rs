@@ -44,7 +44,7 @@ use blob_access::{
     NodeMetrics, ReadRange, Result,
 };
 use prost::Message;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Config node `completeness_checking: {backend: <node>, max_total_tree_size_bytes: 64MiB}`.
@@ -106,6 +106,10 @@ pub struct CompletenessChecking {
     backend: Arc<dyn ActionCache>,
     cas: Arc<dyn BlobAccess>,
     max_tree_size: u64,
+    /// KiB of Tree and Directory blobs read at once by all requests: bounds
+    /// memory when many clients look up results with large outputs.
+    in_flight: tokio::sync::Semaphore,
+    in_flight_kib: u32,
     counters: Counters,
 }
 
@@ -116,11 +120,16 @@ impl CompletenessChecking {
         cas: Arc<dyn BlobAccess>,
         max_total_tree_size_bytes: u64,
     ) -> Self {
+        // Four results' worth of trees at once, at least 16 MiB.
+        let in_flight_kib = (max_total_tree_size_bytes.saturating_mul(4) / 1024)
+            .clamp(16 << 10, u32::MAX as u64 / 2) as u32;
         CompletenessChecking {
             name: name.to_string(),
             backend,
             cas,
             max_tree_size: max_total_tree_size_bytes,
+            in_flight: tokio::sync::Semaphore::new(in_flight_kib as usize),
+            in_flight_kib,
             counters: Counters::new(COUNTERS),
         }
     }
@@ -164,43 +173,35 @@ impl CompletenessChecking {
                 add(what, d.as_ref())?;
             }
         }
-        let mut tree_bytes = 0u64;
+        // Each distinct Tree, and each Directory hierarchy named by a
+        // `root_directory_digest` (REAPI 2.3), read once, within the budget.
+        let (mut trees, mut roots) = (BTreeMap::new(), BTreeMap::new());
         for dir in &result.output_directories {
             let what = format!("output directory {:?}", dir.path);
-            let tree = dir
-                .tree_digest
-                .as_ref()
-                .ok_or_else(|| format!("{what} has no tree digest"))?;
-            let tree = Digest::from_proto(DigestFunction::Sha256, tree)
-                .map_err(|e| format!("{what} has a bad tree digest: {e}"))?;
-            tree_bytes += tree.size_bytes();
-            if tree_bytes > self.max_tree_size {
-                return Err(format!(
-                    "its output directories' trees exceed max_total_tree_size_bytes ({})",
-                    self.max_tree_size
-                )
-                .into());
-            }
-            let data = if tree.size_bytes() == 0 {
-                // The empty blob is always present, as for the other blobs.
-                bytes::Bytes::new()
-            } else {
-                util::read_to_bytes(
-                    &*self.cas,
-                    &tree,
-                    ReadRange::FULL,
-                    tree.size_bytes() as usize,
-                )
-                .await
-                .map_err(|e| match e.code() {
-                    // Missing or unreadable: the result is incomplete.
-                    Code::NotFound | Code::DataLoss => {
-                        Unusable::Incomplete(format!("tree {tree} of {what}: {e}"))
-                    }
-                    // The CAS could not say: as for find_missing, the caller learns why.
-                    _ => Unusable::Cas(e),
-                })?
+            let parse = |d: &proto::Digest, field: &str| {
+                Digest::from_proto(DigestFunction::Sha256, d)
+                    .map_err(|e| format!("{what} has a bad {field}: {e}"))
             };
+            let tree = dir.tree_digest.as_ref().map(|d| parse(d, "tree digest"));
+            let root = dir.root_directory_digest.as_ref();
+            let root = root.map(|d| parse(d, "root directory digest"));
+            if tree.is_none() && root.is_none() {
+                return Err(
+                    format!("{what} has neither a tree nor a root directory digest").into(),
+                );
+            }
+            if let Some(t) = tree {
+                trees.entry(t?).or_insert_with(|| what.clone());
+            }
+            if let Some(r) = root {
+                roots.entry(r?).or_insert(what);
+            }
+        }
+        let mut budget = self.max_tree_size;
+        for (tree, what) in &trees {
+            let data = self
+                .read(tree, &format!("tree {tree} of {what}"), &mut budget)
+                .await?;
             let tree_msg = Tree::decode(data)
                 .map_err(|e| format!("tree {tree} of {what} does not parse: {e}"))?;
             for d in tree_msg.root.iter().chain(&tree_msg.children) {
@@ -209,7 +210,64 @@ impl CompletenessChecking {
                 }
             }
         }
+        for (root, what) in roots {
+            let (mut todo, mut seen) = (vec![root.clone()], BTreeSet::from([root]));
+            while let Some(d) = todo.pop() {
+                let data = self
+                    .read(&d, &format!("directory {d} of {what}"), &mut budget)
+                    .await?;
+                let dir = proto::Directory::decode(data)
+                    .map_err(|e| format!("directory {d} of {what} does not parse: {e}"))?;
+                for f in &dir.files {
+                    add(&format!("file {:?} in {what}", f.name), f.digest.as_ref())?;
+                }
+                for sub in &dir.directories {
+                    let sub = sub
+                        .digest
+                        .as_ref()
+                        .ok_or_else(|| format!("{what} has a subdirectory without digest"))?;
+                    let sub = Digest::from_proto(DigestFunction::Sha256, sub)
+                        .map_err(|e| format!("{what} has a subdirectory with a bad digest: {e}"))?;
+                    if seen.insert(sub.clone()) {
+                        todo.push(sub);
+                    }
+                }
+            }
+        }
         Ok(digests)
+    }
+}
+
+impl CompletenessChecking {
+    /// Reads a Tree or Directory blob, charged to `budget` (this result's
+    /// share of `max_total_tree_size_bytes`) and to the node's bytes in flight.
+    async fn read(
+        &self,
+        d: &Digest,
+        what: &str,
+        budget: &mut u64,
+    ) -> Result<bytes::Bytes, Unusable> {
+        if d.size_bytes() == 0 {
+            // The empty blob is always present, as for the other blobs.
+            return Ok(bytes::Bytes::new());
+        }
+        *budget = budget.checked_sub(d.size_bytes()).ok_or_else(|| {
+            format!(
+                "its output directories exceed max_total_tree_size_bytes ({})",
+                self.max_tree_size
+            )
+        })?;
+        let kib = (d.size_bytes().div_ceil(1024) as u32).min(self.in_flight_kib);
+        let _permit = self.in_flight.acquire_many(kib).await;
+        let size = d.size_bytes() as usize;
+        util::read_to_bytes(&*self.cas, d, ReadRange::FULL, size)
+            .await
+            .map_err(|e| match e.code() {
+                // Missing or unreadable: the result is incomplete.
+                Code::NotFound | Code::DataLoss => Unusable::Incomplete(format!("{what}: {e}")),
+                // The CAS could not say: as for find_missing, the caller learns why.
+                _ => Unusable::Cas(e),
+            })
     }
 }
 
@@ -234,7 +292,9 @@ impl ActionCache for CompletenessChecking {
             Err(Unusable::Incomplete(why)) => return Err(self.incomplete(action, why)),
             Err(Unusable::Cas(e)) => return Err(self.cas_error(action, e)),
         };
-        let digests: Vec<Digest> = digests.into_iter().filter(|d| d.size_bytes() > 0).collect();
+        // The empty blob is always present (REAPI), whatever a server says of it.
+        let empty = Digest::of(b"");
+        let digests: Vec<Digest> = digests.into_iter().filter(|d| *d != empty).collect();
         for batch in digests.chunks(FIND_MISSING_BATCH) {
             let missing = self
                 .cas

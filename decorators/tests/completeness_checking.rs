@@ -574,3 +574,112 @@ action_cache:
     let err = ac.get_action_result(&a).await.unwrap_err();
     assert!(err.message().contains("max_total_tree_size_bytes"), "{err}");
 }
+
+/// REAPI 2.3 results may name an output directory by its root `Directory`
+/// (`root_directory_digest`) instead of a Tree: the whole hierarchy of
+/// Directory blobs and the files in it must then be in the CAS.
+#[tokio::test]
+async fn root_directory_digests_are_walked() {
+    let s = setup(MAX_TREE);
+    let blob = |t: &str| Bytes::from(t.to_string());
+    let (top, inner) = (blob("top file"), blob("inner file"));
+    let child = Directory {
+        files: vec![file_node("inner.txt", &Digest::of(&inner))],
+        ..Default::default()
+    };
+    let child_blob = Bytes::from(child.encode_to_vec());
+    let root = Directory {
+        files: vec![file_node("top.txt", &Digest::of(&top))],
+        directories: vec![
+            DirectoryNode {
+                name: "sub".into(),
+                digest: Some(Digest::of(&child_blob).to_proto()),
+            },
+            // The same subdirectory twice: walked once.
+            DirectoryNode {
+                name: "again".into(),
+                digest: Some(Digest::of(&child_blob).to_proto()),
+            },
+        ],
+        ..Default::default()
+    };
+    let root_blob = Bytes::from(root.encode_to_vec());
+    let result = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out/dir".into(),
+            root_directory_digest: Some(Digest::of(&root_blob).to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let a = action("dir only");
+    s.with(&a, &result).await;
+    let all = [
+        ("the root Directory", &root_blob),
+        ("a child Directory", &child_blob),
+        ("a file in the root", &top),
+        ("a file in a child", &inner),
+    ];
+    for (missing, _) in all {
+        let cas = MemoryBlobAccess::new("cas", 1 << 20);
+        for (name, data) in all {
+            if name != missing {
+                store(&cas, data).await;
+            }
+        }
+        let cc = CompletenessChecking::new("cc", s.backend.clone(), Arc::new(cas), MAX_TREE);
+        let e = cc.get_action_result(&a).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{missing}: {e}");
+        assert!(e.to_string().contains("incomplete"), "{missing}: {e}");
+    }
+    for (_, data) in all {
+        store(&*s.cas, data).await;
+    }
+    let gets = s.cas.gets();
+    assert_eq!(s.cc.get_action_result(&a).await.unwrap(), result);
+    assert_eq!(s.cas.gets() - gets, 2, "each Directory read once");
+
+    // Neither digest: not servable.
+    let bare = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "x".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.with(&a, &bare).await;
+    let e = s.cc.get_action_result(&a).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("neither a tree nor a root directory digest"),
+        "{e}"
+    );
+}
+
+/// Output directories sharing one Tree read it once and charge it once.
+#[tokio::test]
+async fn a_tree_named_twice_is_read_once() {
+    let (mut result, blobs) = full_result();
+    let tree_d = result.output_directories[0].tree_digest.clone().unwrap();
+    result.output_directories.push(OutputDirectory {
+        path: "out/again".into(),
+        tree_digest: Some(tree_d),
+        ..Default::default()
+    });
+    let tree_size = blobs
+        .iter()
+        .find(|(n, _)| *n == "the Tree blob")
+        .unwrap()
+        .1
+        .len() as u64;
+    // Room for the Tree once, not twice.
+    let s = setup(tree_size + tree_size / 2);
+    for (_, data) in &blobs {
+        store(&*s.cas, data).await;
+    }
+    let a = action("twice");
+    s.with(&a, &result).await;
+    let gets = s.cas.gets();
+    assert_eq!(s.cc.get_action_result(&a).await.unwrap(), result);
+    assert_eq!(s.cas.gets() - gets, 1);
+}

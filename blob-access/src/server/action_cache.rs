@@ -50,10 +50,22 @@ fn check_digests(result: &ActionResult) -> Result<(), Status> {
         )?;
     }
     for (i, d) in result.output_directories.iter().enumerate() {
-        named(
-            format!("output_directories[{i}] ({:?})", d.path),
-            d.tree_digest.as_ref(),
-        )?;
+        let at = format!("output_directories[{i}] ({:?})", d.path);
+        // REAPI 2.3 results may name the directory by its root Directory instead of a Tree.
+        let fields = [
+            ("tree_digest", &d.tree_digest),
+            ("root_directory_digest", &d.root_directory_digest),
+        ];
+        if fields.iter().all(|(_, d)| d.is_none()) {
+            return Err(Status::invalid_argument(format!(
+                "action_result.{at}: neither tree_digest nor root_directory_digest is set"
+            )));
+        }
+        for (field, digest) in fields {
+            if digest.is_some() {
+                named(format!("{at}.{field}"), digest.as_ref())?;
+            }
+        }
     }
     for (field, d) in [
         ("stdout_digest", &result.stdout_digest),
@@ -73,13 +85,14 @@ impl action_cache_server::ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let req = request.into_inner();
+        let tree = self.tree()?;
         let action = self.action(
             &req.instance_name,
             req.digest_function,
             req.action_digest.as_ref(),
         )?;
         // Inlining is optional (REAPI lets servers omit it); clients read outputs from the CAS.
-        let result = self.tree()?.get_action_result(&action).await?;
+        let result = tree.get_action_result(&action).await?;
         Ok(Response::new(result))
     }
 
@@ -88,12 +101,12 @@ impl action_cache_server::ActionCache for ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let req = request.into_inner();
+        let tree = self.tree()?;
         let action = self.action(
             &req.instance_name,
             req.digest_function,
             req.action_digest.as_ref(),
         )?;
-        let tree = self.tree()?;
         if self.0.cfg.action_cache_read_only {
             return Err(Status::permission_denied(
                 "this server's action cache is read-only",
