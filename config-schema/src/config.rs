@@ -100,6 +100,13 @@ impl<'de> serde::Deserialize<'de> for Config {
                 use serde::de::Error;
                 let first = crate::first_key(&mut map)?;
                 if !TREE_KEYS.contains(&first.as_str()) {
+                    if !Node::KINDS.contains(&first.as_str()) {
+                        return Err(A::Error::custom(format!(
+                            "unknown key `{first}`: expected a node kind ({}) or the trees {}",
+                            Node::KINDS.join(", "),
+                            TREE_KEYS.join(" and ")
+                        )));
+                    }
                     return crate::rest_of_node(first, map).map(Config::cas_only);
                 }
                 let (mut cas, mut ac) = (None, None);

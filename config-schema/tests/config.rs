@@ -47,9 +47,16 @@ fn errors_name_path_line_and_column() {
 
     let e = yaml_err("memroy: {max_size_bytes: 1}\n");
     assert!(
-        e.message.contains("unknown variant `memroy`") && e.message.contains("memory"),
+        e.message.contains("unknown key `memroy`") && e.message.contains("memory"),
         "{e}"
     );
+    // A misspelled tree is told apart from a misspelled node kind.
+    let e = yaml_err("content_adressable_storage: {memory: {max_size_bytes: 1}}\n");
+    assert!(e.message.contains("content_addressable_storage"), "{e}");
+    // Below the top, a misspelled kind is named as one.
+    let e = yaml_err("error_logging: {backend: {memroy: {max_size_bytes: 1}}}\n");
+    assert_eq!(e.path, "error_logging.backend");
+    assert!(e.message.contains("unknown variant `memroy`"), "{e}");
 
     let e = yaml_err("memory: {}\n");
     assert!(e.message.contains("missing field `max_size_bytes`"), "{e}");

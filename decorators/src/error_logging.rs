@@ -5,8 +5,9 @@
 //! how long it tried. This node logs each failed call with the operation,
 //! digest, the node's path in the tree, the status code and the duration,
 //! and passes the error on unchanged. Levels per code are configurable; by
-//! default NOT_FOUND (a cache miss) is `info` and CANCELLED (a client that
-//! went away) is `debug`, everything else `error`.
+//! default NOT_FOUND (a cache miss) is `info` (`debug` in an action cache,
+//! where most lookups of a cold build miss) and CANCELLED (a client that went
+//! away) is `debug`, everything else `error`.
 
 use blob_access::action_cache::{ActionCache, ActionResult};
 use blob_access::node::Counters;
@@ -129,7 +130,13 @@ impl<N: BuildNode> BuildNode for ErrorLoggingConfig<N> {
 
     fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
         let backend = self.backend.build_action_cache(&ctx.child("backend"))?;
-        let node = ErrorLogging::new(ctx.path(), backend, self.levels(), self.default_level);
+        // A miss is the usual answer of an action cache (every action of a cold
+        // build): debug, unless the config says otherwise.
+        let mut levels = self.levels();
+        if !self.levels.contains_key(&StatusCode::NotFound) {
+            levels.insert(StatusCode::NotFound, Level::Debug);
+        }
+        let node = ErrorLogging::new(ctx.path(), backend, levels, self.default_level);
         Ok(Arc::new(node))
     }
 }

@@ -15,6 +15,9 @@ pub struct GrpcActionCache {
 
 const COUNTERS: &[&str] = &["hits", "misses", "updates", "errors"];
 
+/// How long a client's GetCapabilities waits for the remote's answer.
+const CAPABILITIES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl GrpcActionCache {
     pub fn new(conn: GrpcConnection) -> Self {
         GrpcActionCache {
@@ -97,12 +100,14 @@ impl ActionCache for GrpcActionCache {
     }
 
     async fn update_enabled(&self) -> bool {
-        // Unknown (remote unreachable): say yes, as a refusal would make some
-        // clients fail their builds outright; an update will tell.
-        self.conn
-            .capabilities()
-            .await
-            .map_or(true, |c| c.action_cache_update_enabled)
+        // Unknown (remote unreachable, or slow to say): yes, as a refusal makes
+        // some clients fail their builds outright and an update will tell; and
+        // soon, as clients ask at startup.
+        let caps = tokio::time::timeout(CAPABILITIES_WAIT, self.conn.capabilities()).await;
+        match caps {
+            Ok(Ok(c)) => c.action_cache_update_enabled,
+            _ => true,
+        }
     }
 
     fn metrics(&self, out: &mut Vec<NodeMetrics>) {
