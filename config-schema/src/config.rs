@@ -22,13 +22,22 @@ pub struct Config {
     pub action_cache: Option<Node>,
     /// Written as a single node (CAS only); its paths then start at the node.
     #[serde(skip)]
-    pub single_node: bool,
+    single_node: bool,
 }
 
 const TREE_KEYS: &[&str] = &["content_addressable_storage", "action_cache"];
 
 impl Config {
-    /// A config of one CAS tree.
+    /// A config of two trees; their nodes' paths start with the trees' keys.
+    pub fn new(content_addressable_storage: Node, action_cache: Option<Node>) -> Self {
+        Config {
+            content_addressable_storage,
+            action_cache,
+            single_node: false,
+        }
+    }
+
+    /// A config of one CAS tree, as a file holding a single node.
     pub fn cas_only(node: Node) -> Self {
         Config {
             content_addressable_storage: node,
@@ -37,11 +46,19 @@ impl Config {
         }
     }
 
+    /// Where a tree's nodes sit: a single node's CAS at the root (as it is
+    /// written), every other tree under its key.
     fn context(&self, ctx: &BuildContext, storage: StorageType) -> BuildContext {
-        if self.single_node {
-            ctx.clone()
-        } else {
-            ctx.child(storage.key())
+        match self.path_of(storage) {
+            "" => ctx.clone(),
+            key => ctx.child(key),
+        }
+    }
+
+    fn path_of(&self, storage: StorageType) -> &'static str {
+        match (self.single_node, storage) {
+            (true, StorageType::Cas) => "",
+            _ => storage.key(),
         }
     }
 
@@ -71,8 +88,7 @@ impl Config {
         ];
         for (storage, node) in trees {
             if let Some(node) = node {
-                let path = if self.single_node { "" } else { storage.key() };
-                node.check(storage, path)?;
+                node.check(storage, self.path_of(storage))?;
             }
         }
         Ok(())
@@ -123,12 +139,9 @@ impl<'de> serde::Deserialize<'de> for Config {
                     *slot = Some(map.next_value::<Node>()?);
                     key = map.next_key()?;
                 }
-                Ok(Config {
-                    content_addressable_storage: cas
-                        .ok_or_else(|| A::Error::missing_field("content_addressable_storage"))?,
-                    action_cache: ac,
-                    single_node: false,
-                })
+                let cas =
+                    cas.ok_or_else(|| A::Error::missing_field("content_addressable_storage"))?;
+                Ok(Config::new(cas, ac))
             }
         }
         d.deserialize_map(V)

@@ -10,6 +10,8 @@
 //! the client runs the action again, which uploads the outputs anew.
 //!
 //! Only for action cache trees; the CAS is the one the config pairs with it.
+//! Put it at the top of the action cache tree (under `error_logging` at most):
+//! a `read_caching` above it would serve its fast tier's results unchecked.
 //!
 //! ```
 //! use blob_access::action_cache::{ActionCache, ActionResult};
