@@ -11,6 +11,7 @@
 
 mod action_cache;
 mod attempt;
+mod observe;
 mod opener;
 mod reader;
 mod reads;
@@ -20,6 +21,7 @@ mod zstd_decode;
 
 pub use action_cache::ResumableGrpcActionCache;
 pub use attempt::{AttemptRequest, AttemptStream, ReadOpener};
+pub use observe::{Observed, ObservingChannel};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
@@ -123,7 +125,7 @@ impl BlobAccess for ResumableGrpcBlobAccess {
         let conn = self.plain.connection().clone();
         let caps = conn.capabilities();
         let request_conn = conn.clone();
-        let opener = ByteStreamOpener::new(conn.bytestream_client(), conn.instance_name(), digest)
+        let opener = ByteStreamOpener::new(conn.channel(), conn.instance_name(), digest)
             .with_request(move |r| request_conn.request(r))
             .with_zstd_support(caps.map(|c| c.is_ok_and(|c| c.zstd)).boxed());
         let compressor = match conn.compression() {

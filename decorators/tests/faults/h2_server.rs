@@ -2,7 +2,9 @@
 //! framing by hand, so that a Read can end the ways only HTTP/2 middleware
 //! ends it: RST_STREAM with a chosen error code, GOAWAY with a chosen error
 //! code, or a graceful GOAWAY followed by the connection closing mid-stream
-//! (what an nginx reload with a short `worker_shutdown_timeout` does).
+//! (what an nginx reload with a short `worker_shutdown_timeout` does), and
+//! the endings of broken proxies: END_STREAM inside a gRPC message or without
+//! trailers, trailers without `grpc-status`, an HTML error page.
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream as bs;
@@ -20,9 +22,55 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 /// How one Read attempt ends, after `after` payload bytes (compressed bytes for zstd).
 #[derive(Clone, Copy, Debug)]
 pub enum H2Fault {
-    Reset { after: u64, reason: Reason },
-    GoAway { after: u64, reason: Reason },
-    GoAwayThenClose { after: u64 },
+    Reset {
+        after: u64,
+        reason: Reason,
+    },
+    GoAway {
+        after: u64,
+        reason: Reason,
+    },
+    GoAwayThenClose {
+        after: u64,
+    },
+    /// END_STREAM without trailers, at or inside a gRPC message.
+    EndStream {
+        after: u64,
+        within: Within,
+    },
+    /// Trailers that carry no `grpc-status`.
+    TrailersWithoutStatus {
+        after: u64,
+    },
+    /// No gRPC at all: an HTML page with this HTTP status (a proxy's 502, or
+    /// a 200 from a misrouted web server).
+    HtmlPage {
+        status: u16,
+    },
+}
+
+/// Where an [`H2Fault::EndStream`] falls.
+#[derive(Clone, Copy, Debug)]
+pub enum Within {
+    /// After the message holding payload byte `after`, cut there.
+    Boundary,
+    /// After this many bytes (1 to 4) of the next message's 5-byte prefix.
+    Prefix(usize),
+    /// Inside the payload of the message holding byte `after`.
+    Payload,
+}
+
+impl H2Fault {
+    fn after(&self) -> u64 {
+        match *self {
+            H2Fault::Reset { after, .. }
+            | H2Fault::GoAway { after, .. }
+            | H2Fault::GoAwayThenClose { after }
+            | H2Fault::EndStream { after, .. }
+            | H2Fault::TrailersWithoutStatus { after } => after,
+            H2Fault::HtmlPage { .. } => 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -161,6 +209,16 @@ async fn handle(
         buf.extend_from_slice(&chunk);
     }
     let msg = buf.get(5..).unwrap_or_default();
+    let fault = (path == "/google.bytestream.ByteStream/Read").then(|| {
+        let mut s = state.lock().unwrap();
+        s.reads += 1;
+        let always = s.always;
+        s.next.pop_front().unwrap_or(always)
+    });
+    if let Some(Some(H2Fault::HtmlPage { status })) = fault {
+        html_page(respond, status);
+        return;
+    }
     let head = http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
@@ -190,7 +248,7 @@ async fn handle(
         }
         "/google.bytestream.ByteStream/Read" => {
             let req = <bs::ReadRequest as prost::Message>::decode(msg).unwrap_or_default();
-            match read(&mut send, req, &state, &cmds).await {
+            match read(&mut send, req, &state, fault.flatten(), &cmds).await {
                 Ok(Some(trailers)) => Ok(trailers),
                 Ok(None) | Err(_) => return,
             }
@@ -208,6 +266,7 @@ async fn read(
     send: &mut SendStream<Bytes>,
     req: bs::ReadRequest,
     state: &Mutex<State>,
+    fault: Option<H2Fault>,
     cmds: &UnboundedSender<Cmd>,
 ) -> Result<Option<http::HeaderMap>, h2::Error> {
     let Ok(res) = ReadResource::parse(&req.resource_name) else {
@@ -216,15 +275,7 @@ async fn read(
             "bad resource name",
         )));
     };
-    let (blob, fault) = {
-        let mut s = state.lock().unwrap();
-        s.reads += 1;
-        let always = s.always;
-        (
-            s.blobs.get(&res.digest).cloned(),
-            s.next.pop_front().unwrap_or(always),
-        )
-    };
+    let blob = state.lock().unwrap().blobs.get(&res.digest).cloned();
     let Some(blob) = blob else {
         return Ok(Some(grpc_status(tonic::Code::NotFound, "no such blob")));
     };
@@ -239,14 +290,7 @@ async fn read(
         l if l > 0 => (start + l as usize).min(blob.len()),
         _ => blob.len(),
     };
-    let after = match fault {
-        Some(
-            H2Fault::Reset { after, .. }
-            | H2Fault::GoAway { after, .. }
-            | H2Fault::GoAwayThenClose { after },
-        ) => after,
-        None => u64::MAX,
-    };
+    let after = fault.map_or(u64::MAX, |f| f.after());
     let mut sent = 0u64;
     let mut closing: Option<tokio::time::Instant> = None;
     for pos in (start..end).step_by(CHUNK) {
@@ -256,6 +300,12 @@ async fn read(
             Compressor::Identity => piece.to_vec(),
         };
         let fire = closing.is_none() && sent + wire.len() as u64 >= after;
+        if fire {
+            if let Some(H2Fault::EndStream { within, .. }) = fault {
+                end_stream(send, wire, (after - sent) as usize, within).await?;
+                return Ok(None);
+            }
+        }
         if fire && !matches!(fault, Some(H2Fault::GoAwayThenClose { .. })) {
             wire.truncate((after - sent) as usize);
         }
@@ -278,6 +328,11 @@ async fn read(
     }
     if closing.is_none() && sent >= after {
         // The fault point is the end of the data (e.g. an empty blob).
+        if let Some(H2Fault::EndStream { within, .. }) = fault {
+            // A message the blob does not have: never decoded, so never delivered.
+            end_stream(send, vec![0; 8], 0, within).await?;
+            return Ok(None);
+        }
         if fire_fault(send, fault, cmds).is_none() {
             return Ok(None);
         }
@@ -301,6 +356,54 @@ fn fire_fault(
             let _ = cmds.send(Cmd::Graceful);
             return Some(tokio::time::Instant::now() + Duration::from_millis(8));
         }
+        H2Fault::TrailersWithoutStatus { .. } => {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-proxy", "gone".parse().unwrap());
+            let _ = send.send_trailers(h);
+        }
+        H2Fault::EndStream { .. } | H2Fault::HtmlPage { .. } => {}
     }
     None
+}
+
+/// Sends a message of `wire` cut as `within` says after `keep` of its data
+/// bytes, then END_STREAM without trailers.
+async fn end_stream(
+    send: &mut SendStream<Bytes>,
+    wire: Vec<u8>,
+    keep: usize,
+    within: Within,
+) -> Result<(), h2::Error> {
+    let keep = keep.min(wire.len());
+    let head = frame(&bs::ReadResponse {
+        data: wire[..keep].to_vec(),
+    });
+    let framed = frame(&bs::ReadResponse { data: wire });
+    let cut = match within {
+        // The message shortened to `keep` bytes, whole.
+        Within::Boundary => head,
+        Within::Prefix(k) => {
+            if keep > 0 {
+                send_all(send, head).await?;
+            }
+            framed.slice(..k.clamp(1, 4))
+        }
+        // The prefix and part of the encoded message, never all of it.
+        Within::Payload => framed.slice(..(5 + keep).min(framed.len() - 1)),
+    };
+    send_all(send, cut).await?;
+    send.send_data(Bytes::new(), true)
+}
+
+/// Answers with an HTML page and the given HTTP status, as a proxy does.
+fn html_page(mut respond: SendResponse<Bytes>, status: u16) {
+    let head = http::Response::builder()
+        .status(status)
+        .header("content-type", "text/html")
+        .body(())
+        .unwrap();
+    if let Ok(mut send) = respond.send_response(head, false) {
+        let page = format!("<html><body><h1>{status}</h1>upstream went away</body></html>");
+        let _ = send.send_data(Bytes::from(page), true);
+    }
 }

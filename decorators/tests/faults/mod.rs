@@ -3,6 +3,7 @@
 //! that break streams the ways middleware does.
 #![allow(dead_code)]
 
+pub mod frame_proxy;
 pub mod h2_server;
 #[allow(unused_imports)]
 pub use blob_access::chaos as proxy;
@@ -41,11 +42,7 @@ impl Client {
     }
 
     pub fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
-        let client = blob_access::bytestream_proto::byte_stream_client::ByteStreamClient::new(
-            self.channel.clone(),
-        )
-        .max_decoding_message_size(16 << 20);
-        let opener = ByteStreamOpener::new(client, "", digest);
+        let opener = ByteStreamOpener::new(self.channel.clone(), "", digest);
         self.reads
             .get(Arc::new(opener), digest, range, self.compressor)
     }
