@@ -32,6 +32,8 @@ pub const COUNTERS: &[&str] = &[
     "give_ups",
     "zstd_fallbacks",
     "offset_rechecks",
+    "overruns_trimmed",
+    "read_limit_fallbacks",
 ];
 
 /// What one read shares with the layer above it (see `recheck`).
@@ -44,6 +46,9 @@ pub struct ReadShared {
     /// Set by the reader when a zstd resume was refused: later reads of the node
     /// resume uncompressed at once.
     pub zstd_offset_refused: Arc<AtomicBool>,
+    /// Set when the server refused a non-zero `read_limit`: later ranged reads
+    /// of the node ask for everything from their offset and stop themselves.
+    pub read_limit_refused: Arc<AtomicBool>,
 }
 
 enum State {
@@ -120,9 +125,14 @@ impl ResumingReader {
         }
         let offset = self.offset + self.delivered;
         let refused = offset > 0 && self.shared.zstd_offset_refused.load(Ordering::Relaxed);
+        let no_limit = self.shared.read_limit_refused.load(Ordering::Relaxed);
         AttemptRequest {
             offset,
-            limit: if self.limited { remaining } else { 0 },
+            limit: if self.limited && !no_limit {
+                remaining
+            } else {
+                0
+            },
             compressor: if refused {
                 Compressor::Identity
             } else {
@@ -153,6 +163,14 @@ impl ResumingReader {
         );
         let server_delay = match classify(&f) {
             Verdict::Retry { server_delay } => server_delay,
+            Verdict::Fatal if self.limit_refused(&f, progress) => {
+                self.shared
+                    .read_limit_refused
+                    .store(true, Ordering::Relaxed);
+                self.counters.inc("read_limit_fallbacks");
+                tracing::info!(digest = %self.digest, cause = %f.error, "server refused read_limit; reading on from the offset and stopping at the end of the range");
+                return Ok(State::Open);
+            }
             Verdict::Fatal if self.zstd_refused(&f, progress) => {
                 self.compressor = Compressor::Identity;
                 if self.offset + self.delivered > 0 {
@@ -219,6 +237,16 @@ impl ResumingReader {
             )
     }
 
+    /// A server that does not take a non-zero `read_limit` says so before
+    /// sending anything; the range is then read without one (and trimmed).
+    fn limit_refused(&self, f: &Failure, progress: bool) -> bool {
+        let request = self.next_request();
+        request.limit > 0
+            && request.compressor == Compressor::Identity
+            && !progress
+            && matches!(f.error.code(), Code::InvalidArgument | Code::Unimplemented)
+    }
+
     fn resumed(&mut self, f: &Failure, delay: Duration) {
         let next = self.next_request();
         self.shared.resumptions.fetch_add(1, Ordering::Relaxed);
@@ -261,7 +289,21 @@ impl Stream for ResumingReader {
                 State::Streaming(stream) => {
                     let failure = match ready!(stream.poll_next_unpin(cx)) {
                         Some(Ok(chunk)) if chunk.is_empty() => continue,
-                        Some(Ok(chunk)) => {
+                        Some(Ok(mut chunk)) => {
+                            let remaining = this.want - this.delivered;
+                            if this.limited && chunk.len() as u64 >= remaining {
+                                // A ranged read is complete once it holds its
+                                // bytes: what the server sends or says after
+                                // (whole chunks past read_limit, an error of
+                                // its own) does not matter.
+                                if chunk.len() as u64 > remaining {
+                                    this.counters.inc("overruns_trimmed");
+                                    chunk.truncate(remaining as usize);
+                                }
+                                this.delivered = this.want;
+                                this.this_attempt += remaining;
+                                return this.finish(Some(Ok(chunk)));
+                            }
                             let len = chunk.len() as u64;
                             if this.delivered + len > this.want {
                                 // Passed on, not dropped: the verifier around the
