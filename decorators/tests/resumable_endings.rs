@@ -161,3 +161,34 @@ async fn goaway_below_and_above_our_stream_is_survived() {
         }
     }
 }
+
+/// The ActionCache calls of `resumable_grpc` classify the same way: an HTML
+/// page from a proxy is retried, the server's trailers-only NOT_FOUND is an
+/// answer (a miss, not retried).
+#[tokio::test]
+async fn action_cache_calls_retry_proxy_pages_and_take_the_servers_answer() {
+    use blob_access::{BuildContext, Code, Digest};
+    let server = H2Server::start(false).await;
+    let yaml = format!(
+        "content_addressable_storage: {{memory: {{max_size_bytes: 1MiB}}}}\naction_cache:\n  resumable_grpc:\n    grpc: {{endpoint: \"{}\"}}\n    initial_backoff: 1ms\n",
+        server.endpoint()
+    );
+    let config =
+        blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
+    let storage = config.build(&BuildContext::root()).unwrap();
+    let ac = storage.action_cache.unwrap();
+    let action = Digest::of(b"an action");
+    server.plan([
+        Some(H2Fault::HtmlPage { status: 503 }),
+        Some(H2Fault::HtmlPage { status: 200 }),
+    ]);
+    let err = ac.get_action_result(&action).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    assert_eq!(server.reads(), 3);
+    // A proxy page every time: given up after the budget, naming the action.
+    server.always(Some(H2Fault::HtmlPage { status: 502 }));
+    let err = ac.get_action_result(&action).await.unwrap_err();
+    assert_ne!(err.code(), Code::NotFound, "{err}");
+    assert!(err.to_string().contains(action.hash()), "{err}");
+    assert_eq!(server.reads(), 3 + 5);
+}

@@ -101,6 +101,9 @@ enum Cmd {
 }
 
 const CHUNK: usize = 64 * 1024;
+const READ: &str = "/google.bytestream.ByteStream/Read";
+/// Answered NOT_FOUND in a trailers-only response, as servers answer a miss.
+const GET_ACTION_RESULT: &str = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult";
 
 impl H2Server {
     /// `zstd`: advertise ZSTD and serve compressed reads.
@@ -139,6 +142,7 @@ impl H2Server {
         self.state.lock().unwrap().always = fault;
     }
 
+    /// Read (and GetActionResult) calls so far.
     pub fn reads(&self) -> u64 {
         self.state.lock().unwrap().reads
     }
@@ -209,7 +213,8 @@ async fn handle(
         buf.extend_from_slice(&chunk);
     }
     let msg = buf.get(5..).unwrap_or_default();
-    let fault = (path == "/google.bytestream.ByteStream/Read").then(|| {
+    let faulty = [READ, GET_ACTION_RESULT].contains(&path.as_str());
+    let fault = faulty.then(|| {
         let mut s = state.lock().unwrap();
         s.reads += 1;
         let always = s.always;
@@ -217,6 +222,17 @@ async fn handle(
     });
     if let Some(Some(H2Fault::HtmlPage { status })) = fault {
         html_page(respond, status);
+        return;
+    }
+    if path == GET_ACTION_RESULT {
+        let mut head = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        head.headers_mut()
+            .extend(grpc_status(tonic::Code::NotFound, "no such action"));
+        let _ = respond.send_response(head, true);
         return;
     }
     let head = http::Response::builder()
@@ -246,7 +262,7 @@ async fn handle(
                 .await
                 .map(|_| grpc_status(tonic::Code::Ok, ""))
         }
-        "/google.bytestream.ByteStream/Read" => {
+        READ => {
             let req = <bs::ReadRequest as prost::Message>::decode(msg).unwrap_or_default();
             match read(&mut send, req, &state, fault.flatten(), &cmds).await {
                 Ok(Some(trailers)) => Ok(trailers),
