@@ -32,12 +32,12 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Bytes of the blob on the wire, as the fault server sends it (a zstd frame
-/// per 16 KiB of a message), plus room for the HTTP/2 and gRPC framing.
-fn wire_len(zstd: bool) -> u64 {
+/// Bytes of the blob on the wire, as a server making a zstd frame of each
+/// `piece` sends it, plus room for the HTTP/2 and gRPC framing.
+fn wire_len(zstd: bool, piece: usize) -> u64 {
     let data = test_blob(SIZE, 1);
     let payload: usize = if zstd {
-        data.chunks(16 * 1024)
+        data.chunks(piece)
             .map(|p| zstd::bulk::compress(p, 1).unwrap().len())
             .sum()
     } else {
@@ -56,7 +56,7 @@ fn tcp_cut(zstd: bool, rst: bool, fraction: f64, times: u64) -> Result<(), TestC
         let data = test_blob(SIZE, 1);
         let d = server.insert(data.clone()).await;
         let kill = if rst { Kill::Rst } else { Kill::Fin };
-        let cut = (wire_len(zstd) as f64 * fraction) as u64;
+        let cut = (wire_len(zstd, 16 * 1024) as f64 * fraction) as u64;
         let faults = Faults::bytes(kill, cut).times(times);
         let proxy = Proxy::start(server.addr, Some(faults)).await.unwrap();
         let client = Client::new(&proxy.endpoint(), zstd, policy());
@@ -74,9 +74,9 @@ fn tcp_cut(zstd: bool, rst: bool, fraction: f64, times: u64) -> Result<(), TestC
 fn h2_end(zstd: bool, within: Within, fraction: f64) -> Result<(), TestCaseError> {
     runtime().block_on(async {
         let server = H2Server::start(zstd).await;
-        let data = test_blob(SIZE, 2);
+        let data = test_blob(SIZE, 1);
         let d = server.insert(data.clone());
-        let after = ((wire_len(zstd) - 1500) as f64 * fraction) as u64;
+        let after = ((wire_len(zstd, 64 * 1024) - 1500) as f64 * fraction) as u64;
         let fault = H2Fault::EndStream { after, within };
         server.plan([Some(fault), Some(fault)]);
         let client = Client::new(&server.endpoint(), zstd, policy());
