@@ -28,6 +28,7 @@ fn policy(max: u32) -> RetryPolicy {
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
         deadline: None,
+        stall_timeout: Duration::from_secs(30),
     }
 }
 

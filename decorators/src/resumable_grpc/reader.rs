@@ -11,7 +11,7 @@
 //! dropping it drops the attempt in flight (cancelling the RPC) and any wait.
 
 use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
-use super::retry::{classify, Failure, RetryPolicy, Verdict};
+use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict};
 use blob_access::node::Counters;
 use blob_access::resource::Compressor;
 use blob_access::{Code, Digest, Error, ReadRange, Result};
@@ -34,7 +34,14 @@ pub const COUNTERS: &[&str] = &[
     "offset_rechecks",
     "overruns_trimmed",
     "read_limit_fallbacks",
+    "stalls",
+    "fresh_connections",
 ];
+
+/// Consecutive transport failures without progress after which the next
+/// attempt goes on a new connection: one may be a connection killed under
+/// us (the channel reconnects by itself), two suggest one that stays doomed.
+const DOOMED_AFTER: u32 = 2;
 
 /// What one read shares with the layer above it (see `recheck`).
 #[derive(Debug, Default)]
@@ -77,6 +84,10 @@ pub struct ResumingReader {
     in_a_row: u32,
     this_attempt: u64,
     started: Option<Instant>,
+    /// Fires when the attempt in flight has delivered nothing for `stall_timeout`.
+    stall: Pin<Box<Sleep>>,
+    /// The next attempt goes on a new connection.
+    fresh_connection: bool,
     state: State,
 }
 
@@ -108,6 +119,8 @@ impl ResumingReader {
             in_a_row: 0,
             this_attempt: 0,
             started: None,
+            stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            fresh_connection: false,
             state: State::Open,
         }
     }
@@ -121,6 +134,7 @@ impl ResumingReader {
                 offset: self.digest.size_bytes(),
                 limit: 0,
                 compressor: Compressor::Identity,
+                fresh_connection: self.fresh_connection,
             };
         }
         let offset = self.offset + self.delivered;
@@ -138,6 +152,7 @@ impl ResumingReader {
             } else {
                 self.compressor
             },
+            fresh_connection: self.fresh_connection,
         }
     }
 
@@ -154,6 +169,11 @@ impl ResumingReader {
     fn after_failure(&mut self, f: Failure) -> std::result::Result<State, Error> {
         let progress = self.this_attempt > 0;
         self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
+        self.fresh_connection =
+            f.stalled || (f.origin == Origin::Transport && self.in_a_row >= DOOMED_AFTER);
+        if self.fresh_connection {
+            self.counters.inc("fresh_connections");
+        }
         let context = format!(
             "attempt {} at read_offset {}, {} of {} bytes delivered",
             self.attempts,
@@ -285,9 +305,27 @@ impl Stream for ResumingReader {
                     this.attempts += 1;
                     this.this_attempt = 0;
                     this.state = State::Streaming(this.opener.open(this.next_request()));
+                    this.fresh_connection = false;
+                    let timeout = this.policy.stall_timeout;
+                    this.stall.as_mut().reset(Instant::now() + timeout);
                 }
                 State::Streaming(stream) => {
-                    let failure = match ready!(stream.poll_next_unpin(cx)) {
+                    let polled = match stream.poll_next_unpin(cx) {
+                        Poll::Pending => match this.stall.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(()) => {
+                                let timeout = this.policy.stall_timeout;
+                                this.counters.inc("stalls");
+                                Some(Err(Failure::stall(timeout)))
+                            }
+                        },
+                        Poll::Ready(item) => {
+                            let timeout = this.policy.stall_timeout;
+                            this.stall.as_mut().reset(Instant::now() + timeout);
+                            item
+                        }
+                    };
+                    let failure = match polled {
                         Some(Ok(chunk)) if chunk.is_empty() => continue,
                         Some(Ok(mut chunk)) => {
                             let remaining = this.want - this.delivered;

@@ -31,6 +31,8 @@ pub enum Origin {
 pub struct Failure {
     pub error: Error,
     pub origin: Origin,
+    /// The attempt delivered nothing for the stall timeout (and was dropped).
+    pub stalled: bool,
 }
 
 impl Failure {
@@ -39,6 +41,7 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Server,
+            stalled: false,
         }
     }
 
@@ -47,6 +50,18 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Transport,
+            stalled: false,
+        }
+    }
+
+    /// The attempt delivered no byte for `timeout` while its stream stayed open.
+    pub fn stall(timeout: Duration) -> Self {
+        let error = Error::unavailable(format!(
+            "no byte for {timeout:?} (stall_timeout): the stream or its connection is stuck"
+        ));
+        Failure {
+            stalled: true,
+            ..Failure::transport(error)
         }
     }
 
@@ -58,6 +73,7 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Truncated,
+            stalled: false,
         }
     }
 
@@ -123,6 +139,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// No attempt is started (and no backoff waited) later than this after the read began.
     pub deadline: Option<Duration>,
+    /// An attempt that delivers nothing for this long is abandoned (a stall).
+    pub stall_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -132,6 +150,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             deadline: None,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -164,6 +183,7 @@ mod tests {
         classify(&Failure {
             error: Error::new(code, "x"),
             origin,
+            stalled: false,
         })
     }
 

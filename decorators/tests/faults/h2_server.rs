@@ -47,6 +47,16 @@ pub enum H2Fault {
     HtmlPage {
         status: u16,
     },
+    /// END_STREAM inside a message after `after` bytes, and every connection
+    /// open now doomed (see [`H2Server::drain`]): a proxy starting to drain.
+    Drain {
+        after: u64,
+    },
+    /// Nothing more after `after` bytes, the stream and connection left open
+    /// (pings are still answered): a stuck upstream behind a proxy.
+    Freeze {
+        after: u64,
+    },
 }
 
 /// Where an [`H2Fault::EndStream`] falls.
@@ -67,7 +77,9 @@ impl H2Fault {
             | H2Fault::GoAway { after, .. }
             | H2Fault::GoAwayThenClose { after }
             | H2Fault::EndStream { after, .. }
-            | H2Fault::TrailersWithoutStatus { after } => after,
+            | H2Fault::TrailersWithoutStatus { after }
+            | H2Fault::Freeze { after }
+            | H2Fault::Drain { after } => after,
             H2Fault::HtmlPage { .. } => 0,
         }
     }
@@ -79,6 +91,10 @@ struct State {
     next: VecDeque<Option<H2Fault>>,
     always: Option<H2Fault>,
     reads: u64,
+    connections: u64,
+    /// Connections numbered up to this reset every new stream at once (a
+    /// draining proxy keeping them open); later connections work.
+    doomed_upto: u64,
 }
 
 /// See the module documentation. Stops accepting when dropped.
@@ -146,17 +162,44 @@ impl H2Server {
     pub fn reads(&self) -> u64 {
         self.state.lock().unwrap().reads
     }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.lock().unwrap().connections
+    }
+
+    /// Dooms the connections open now: every new stream on them is reset
+    /// with INTERNAL_ERROR at once, while new connections work.
+    pub fn drain(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.doomed_upto = s.connections;
+    }
 }
 
 async fn serve_connection(socket: tokio::net::TcpStream, state: Arc<Mutex<State>>, zstd: bool) {
     let Ok(mut conn) = h2::server::handshake(socket).await else {
         return;
     };
+    let id = {
+        let mut s = state.lock().unwrap();
+        s.connections += 1;
+        s.connections
+    };
     let (tx, mut rx) = unbounded_channel();
     loop {
         tokio::select! {
             req = conn.accept() => match req {
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
+                    let doomed = {
+                        let mut s = state.lock().unwrap();
+                        let doomed = id <= s.doomed_upto;
+                        s.reads += u64::from(doomed);
+                        doomed
+                    };
+                    if doomed {
+                        respond.send_reset(Reason::INTERNAL_ERROR);
+                        continue;
+                    }
                     tokio::spawn(handle(req, respond, state.clone(), tx.clone(), zstd));
                 }
                 _ => return,
@@ -317,8 +360,23 @@ async fn read(
         };
         let fire = closing.is_none() && sent + wire.len() as u64 >= after;
         if fire {
+            if let Some(H2Fault::Freeze { .. }) = fault {
+                wire.truncate((after - sent) as usize);
+                send_all(send, frame(&bs::ReadResponse { data: wire })).await?;
+                // Hold the stream open; the client gives up on it.
+                std::future::pending::<()>().await;
+                return Ok(None);
+            }
             if let Some(H2Fault::EndStream { within, .. }) = fault {
                 end_stream(send, wire, (after - sent) as usize, within).await?;
+                return Ok(None);
+            }
+            if let Some(H2Fault::Drain { .. }) = fault {
+                {
+                    let mut s = state.lock().unwrap();
+                    s.doomed_upto = s.connections;
+                }
+                end_stream(send, wire, (after - sent) as usize, Within::Payload).await?;
                 return Ok(None);
             }
         }
@@ -377,7 +435,10 @@ fn fire_fault(
             h.insert("x-proxy", "gone".parse().unwrap());
             let _ = send.send_trailers(h);
         }
-        H2Fault::EndStream { .. } | H2Fault::HtmlPage { .. } => {}
+        H2Fault::EndStream { .. }
+        | H2Fault::HtmlPage { .. }
+        | H2Fault::Freeze { .. }
+        | H2Fault::Drain { .. } => {}
     }
     None
 }

@@ -12,23 +12,28 @@ pub mod server;
 
 use blob_access::resource::Compressor;
 use blob_access::{BlobStream, Digest, Error, ReadRange};
-use blob_access_decorators::resumable_grpc::{ByteStreamOpener, ResumableReads, RetryPolicy};
+use blob_access_decorators::resumable_grpc::{
+    ByteStreamOpener, Channels, ResumableReads, RetryPolicy,
+};
 use futures::StreamExt;
 use std::sync::Arc;
 
 /// The client under test: resuming reads over one tonic channel to `endpoint`.
 pub struct Client {
     pub reads: ResumableReads,
-    channel: tonic::transport::Channel,
+    channels: Arc<Channels>,
     compressor: Compressor,
 }
 
 impl Client {
     pub fn new(endpoint: &str, zstd: bool, policy: RetryPolicy) -> Self {
         let uri = endpoint.replace("grpc://", "http://");
-        let channel = tonic::transport::Channel::from_shared(uri)
-            .unwrap()
-            .connect_lazy();
+        let connect = move || {
+            tonic::transport::Channel::from_shared(uri.clone())
+                .unwrap()
+                .connect_lazy()
+        };
+        let channels = Arc::new(Channels::new(connect(), connect));
         let compressor = if zstd {
             Compressor::Zstd
         } else {
@@ -36,13 +41,13 @@ impl Client {
         };
         Client {
             reads: ResumableReads::new("resumable", policy),
-            channel,
+            channels,
             compressor,
         }
     }
 
     pub fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
-        let opener = ByteStreamOpener::new(self.channel.clone(), "", digest);
+        let opener = ByteStreamOpener::new(self.channels.clone(), "", digest);
         self.reads
             .get(Arc::new(opener), digest, range, self.compressor)
     }
