@@ -86,6 +86,9 @@ pub struct ResumingReader {
     started: Option<Instant>,
     /// Fires when the attempt in flight has delivered nothing for `stall_timeout`.
     stall: Pin<Box<Sleep>>,
+    /// A byte was handed out: the stall clock restarts at the next poll, so
+    /// time our caller takes (a slow consumer) never counts as a stall.
+    handed_out: bool,
     /// The next attempt goes on a new connection.
     fresh_connection: bool,
     state: State,
@@ -120,6 +123,7 @@ impl ResumingReader {
             this_attempt: 0,
             started: None,
             stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            handed_out: false,
             fresh_connection: false,
             state: State::Open,
         }
@@ -290,6 +294,10 @@ impl Stream for ResumingReader {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if std::mem::take(&mut this.handed_out) {
+            let timeout = this.policy.stall_timeout;
+            this.stall.as_mut().reset(Instant::now() + timeout);
+        }
         loop {
             match &mut this.state {
                 State::Done => return Poll::Ready(None),
@@ -357,6 +365,7 @@ impl Stream for ResumingReader {
                             }
                             this.delivered += len;
                             this.this_attempt += len;
+                            this.handed_out = true;
                             return Poll::Ready(Some(Ok(chunk)));
                         }
                         // Everything arrived; an error on the way out loses nothing.
