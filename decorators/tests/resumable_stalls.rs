@@ -71,10 +71,39 @@ async fn a_connection_resetting_every_new_stream_is_replaced() {
     server.plan([Some(H2Fault::Drain { after: 100_000 })]);
     let client = Client::new(&server.endpoint(), false, policy(Duration::from_secs(30)));
     client.read_all(&d, &data).await.unwrap();
-    // Two resets in a row, then a new connection.
-    assert_eq!(server.reads(), 4);
+    // One reset after the cut, then a new connection.
+    assert_eq!(server.reads(), 3);
     assert_eq!(server.connections(), 2);
     assert_eq!(client.counter("fresh_connections"), 1);
+    assert_eq!(client.counter("give_ups"), 0);
+}
+
+/// After the drain, the first new connections are refused too: each costs one
+/// attempt, and the read completes on the first connection that works.
+#[tokio::test]
+async fn refused_new_connections_are_replaced_until_one_works() {
+    let server = H2Server::start(false).await;
+    let data = test_blob(300_001, 24);
+    let d = server.insert(data.clone());
+    let client = Client::new(&server.endpoint(), false, policy(Duration::from_secs(30)));
+    // Connection 1 is open before the plan: the next two are refused.
+    client.read_all(&d, &data).await.unwrap();
+    server.plan([Some(H2Fault::Drain { after: 100_000 })]);
+    let read = async {
+        let mut s = client.get(&d, blob_access::ReadRange::FULL);
+        let mut got = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut s).await {
+            if got.is_empty() {
+                server.refuse_connections(2);
+            }
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        got
+    };
+    assert!(read.await == data);
+    // The drained connection, two refused ones, the one that worked.
+    assert_eq!(server.connections(), 4);
+    assert_eq!(client.counter("fresh_connections"), 3);
     assert_eq!(client.counter("give_ups"), 0);
 }
 

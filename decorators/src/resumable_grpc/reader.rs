@@ -38,11 +38,6 @@ pub const COUNTERS: &[&str] = &[
     "fresh_connections",
 ];
 
-/// Consecutive transport failures without progress after which the next
-/// attempt goes on a new connection: one may be a connection killed under
-/// us (the channel reconnects by itself), two suggest one that stays doomed.
-const DOOMED_AFTER: u32 = 2;
-
 /// What one read shares with the layer above it (see `recheck`).
 #[derive(Debug, Default)]
 pub struct ReadShared {
@@ -91,6 +86,8 @@ pub struct ResumingReader {
     handed_out: bool,
     /// The next attempt goes on a new connection.
     fresh_connection: bool,
+    /// The last attempt failed on the transport.
+    transport_failed: bool,
     state: State,
 }
 
@@ -125,6 +122,7 @@ impl ResumingReader {
             stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
             handed_out: false,
             fresh_connection: false,
+            transport_failed: false,
             state: State::Open,
         }
     }
@@ -173,8 +171,15 @@ impl ResumingReader {
     fn after_failure(&mut self, f: Failure) -> std::result::Result<State, Error> {
         let progress = self.this_attempt > 0;
         self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
-        self.fresh_connection =
-            f.stalled || (f.origin == Origin::Transport && self.in_a_row >= DOOMED_AFTER);
+        // One transport failure may be a connection killed under us (the
+        // channel reconnects by itself). An attempt that then fails on the
+        // transport before its first byte suggests a connection that stays
+        // doomed (a draining proxy resetting new streams, a refused
+        // connection): the next goes on a new one, costing the budget one
+        // attempt. A stall is the same at once.
+        let transport = f.origin == Origin::Transport;
+        self.fresh_connection = f.stalled || (transport && !progress && self.transport_failed);
+        self.transport_failed = transport;
         if self.fresh_connection {
             self.counters.inc("fresh_connections");
         }

@@ -95,6 +95,8 @@ struct State {
     /// Connections numbered up to this reset every new stream at once (a
     /// draining proxy keeping them open); later connections work.
     doomed_upto: u64,
+    /// New connections to close before the HTTP/2 handshake.
+    refuse: u64,
 }
 
 /// See the module documentation. Stops accepting when dropped.
@@ -130,6 +132,14 @@ impl H2Server {
         let st = state.clone();
         let accept = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
+                {
+                    let mut s = st.lock().unwrap();
+                    if s.refuse > 0 {
+                        s.refuse -= 1;
+                        s.connections += 1;
+                        continue;
+                    }
+                }
                 tokio::spawn(serve_connection(socket, st.clone(), zstd));
             }
         });
@@ -166,6 +176,11 @@ impl H2Server {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.lock().unwrap().connections
+    }
+
+    /// Closes the next `n` new connections before the HTTP/2 handshake.
+    pub fn refuse_connections(&self, n: u64) {
+        self.state.lock().unwrap().refuse = n;
     }
 
     /// Dooms the connections open now: every new stream on them is reset
