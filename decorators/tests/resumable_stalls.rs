@@ -138,3 +138,51 @@ async fn concurrent_reads_replace_a_doomed_connection_together() {
     let connections = server.connections();
     assert!((2..=4).contains(&connections), "{connections} connections");
 }
+
+/// The node built from a config: `stall_timeout` from the config file, and a
+/// fresh connection made by the node's own `grpc` settings.
+async fn frozen_read_through_the_node(settings: &str) -> (u64, u64) {
+    use blob_access::{BuildContext, ReadRange};
+    use futures::StreamExt;
+    let server = H2Server::start(false).await;
+    let data = test_blob(300_001, 25);
+    let d = server.insert(data.clone());
+    server.plan([Some(H2Fault::Freeze { after: 100_000 })]);
+    let yaml = format!(
+        "resumable_grpc: {{grpc: {{endpoint: \"{}\"}}{settings}}}",
+        server.endpoint()
+    );
+    let config =
+        blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
+    let cas = config.build_cas(&BuildContext::root()).unwrap();
+    let mut s = cas.get(&d, ReadRange::FULL);
+    let mut got = Vec::new();
+    while let Some(chunk) = s.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got == data);
+    let mut m = Vec::new();
+    cas.metrics(&mut m);
+    let stalls = m.iter().find_map(|n| n.get("stalls")).unwrap();
+    (stalls, server.connections())
+}
+
+#[tokio::test]
+async fn the_node_resumes_a_frozen_read_on_a_fresh_connection() {
+    let (stalls, connections) = frozen_read_through_the_node(", stall_timeout: 300ms").await;
+    assert_eq!(stalls, 1);
+    assert_eq!(connections, 2);
+}
+
+/// The same at default settings: resumed after the default stall_timeout
+/// (30 s), so not run by default: `cargo test -p blob-access-decorators
+/// --test resumable_stalls -- --ignored`.
+#[tokio::test]
+#[ignore]
+async fn the_node_resumes_a_frozen_read_at_default_settings() {
+    let started = std::time::Instant::now();
+    let (stalls, connections) = frozen_read_through_the_node("").await;
+    assert_eq!(stalls, 1);
+    assert_eq!(connections, 2);
+    assert!(started.elapsed() >= Duration::from_secs(30));
+}
