@@ -5,7 +5,6 @@
 mod server_support;
 
 use blob_access::action_cache::{ActionCache, GrpcActionCache};
-use blob_access::config_types::Duration;
 use blob_access::grpc::{GrpcConfig, GrpcConnection};
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
 use blob_access::proto::{ActionResult, OutputFile};
@@ -29,17 +28,13 @@ async fn remote(cfg: ServerConfig) -> Remote {
 }
 
 fn grpc_config(url: &str, instance_name: &str) -> GrpcConfig {
-    GrpcConfig {
-        endpoint: url.replace("http://", "grpc://"),
-        instance_name: instance_name.into(),
-        headers: Default::default(),
-        ca_file: None,
-        connect_timeout: Duration::from_secs(2),
-        keepalive_interval: None,
-        keepalive_timeout: None,
-        compression: Default::default(),
-        max_batch_size_bytes: None,
-    }
+    // From text, as users write it: new optional fields need no change here.
+    serde_json::from_value(serde_json::json!({
+        "endpoint": url.replace("http://", "grpc://"),
+        "instance_name": instance_name,
+        "connect_timeout": "2s",
+    }))
+    .unwrap()
 }
 
 fn node(url: &str, instance_name: &str) -> GrpcActionCache {

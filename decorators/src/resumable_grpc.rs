@@ -11,6 +11,8 @@
 
 mod action_cache;
 mod attempt;
+mod channels;
+mod observe;
 mod opener;
 mod reader;
 mod reads;
@@ -20,6 +22,8 @@ mod zstd_decode;
 
 pub use action_cache::ResumableGrpcActionCache;
 pub use attempt::{AttemptRequest, AttemptStream, ReadOpener};
+pub use channels::Channels;
+pub use observe::{Observed, ObservingChannel};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
@@ -56,7 +60,17 @@ pub struct ResumableGrpcConfig {
     /// No new attempt is started later than this after a read began. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Duration>,
+    /// An attempt that delivers no byte for this long is abandoned and the
+    /// read resumed on a fresh connection (a black-holed path, a stuck
+    /// upstream behind a proxy that still answers pings). Default 30s.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: Duration,
 }
+
+/// HTTP/2 keepalive when the `grpc` settings name none: a dead connection is
+/// noticed within about a minute even without a call waiting on it.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn default_max_attempts() -> u32 {
     RetryPolicy::default().max_attempts_without_progress
@@ -67,6 +81,9 @@ fn default_initial_backoff() -> Duration {
 fn default_max_backoff() -> Duration {
     Duration(RetryPolicy::default().max_backoff)
 }
+fn default_stall_timeout() -> Duration {
+    Duration(RetryPolicy::default().stall_timeout)
+}
 
 impl ResumableGrpcConfig {
     /// The retry settings of this node.
@@ -76,18 +93,32 @@ impl ResumableGrpcConfig {
             initial_backoff: self.initial_backoff.get(),
             max_backoff: self.max_backoff.get(),
             deadline: self.deadline.map(Duration::get),
+            stall_timeout: self.stall_timeout.get(),
         }
+    }
+
+    /// The `grpc` settings with keepalive on unless configured: pings while
+    /// calls are active (idle pings only if asked for; servers count them as abuse).
+    fn grpc_with_keepalive(&self) -> GrpcConfig {
+        let mut g = self.grpc.clone();
+        if g.keepalive_interval.is_none() {
+            g.keepalive_interval = Some(Duration(KEEPALIVE_INTERVAL));
+            g.keepalive_while_idle.get_or_insert(false);
+        }
+        g.keepalive_timeout
+            .get_or_insert(Duration(KEEPALIVE_TIMEOUT));
+        g
     }
 }
 
 impl BuildNode for ResumableGrpcConfig {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
-        let conn = GrpcConnection::new(ctx.path(), &self.grpc)?;
+        let conn = GrpcConnection::new(ctx.path(), &self.grpc_with_keepalive())?;
         Ok(Arc::new(ResumableGrpcBlobAccess::new(conn, self.policy())))
     }
 
     fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
-        let conn = GrpcConnection::new(ctx.path(), &self.grpc)?;
+        let conn = GrpcConnection::new(ctx.path(), &self.grpc_with_keepalive())?;
         let plain = GrpcActionCache::new(conn);
         Ok(Arc::new(ResumableGrpcActionCache::new(
             plain,
@@ -102,12 +133,16 @@ impl<N> ChildNodes<N> for ResumableGrpcConfig {}
 pub struct ResumableGrpcBlobAccess {
     plain: GrpcBlobAccess,
     reads: ResumableReads,
+    /// Reads start on the shared channel and move to new ones as needed.
+    channels: Arc<Channels>,
 }
 
 impl ResumableGrpcBlobAccess {
     pub fn new(conn: GrpcConnection, policy: RetryPolicy) -> Self {
+        let fresh = conn.clone();
         ResumableGrpcBlobAccess {
             reads: ResumableReads::new(conn.name(), policy),
+            channels: Arc::new(Channels::new(conn.channel(), move || fresh.new_channel())),
             plain: GrpcBlobAccess::new(conn),
         }
     }
@@ -123,7 +158,7 @@ impl BlobAccess for ResumableGrpcBlobAccess {
         let conn = self.plain.connection().clone();
         let caps = conn.capabilities();
         let request_conn = conn.clone();
-        let opener = ByteStreamOpener::new(conn.bytestream_client(), conn.instance_name(), digest)
+        let opener = ByteStreamOpener::new(self.channels.clone(), conn.instance_name(), digest)
             .with_request(move |r| request_conn.request(r))
             .with_zstd_support(caps.map(|c| c.is_ok_and(|c| c.zstd)).boxed());
         let compressor = match conn.compression() {

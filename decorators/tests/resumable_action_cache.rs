@@ -8,7 +8,6 @@ mod common;
 
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
 use blob_access::chaos::{Faults, Kill, Proxy};
-use blob_access::config_types::Duration as ConfigDuration;
 use blob_access::grpc::{GrpcConfig, GrpcConnection, Headers};
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
 use blob_access::proto::action_cache_server::{self, ActionCacheServer};
@@ -34,21 +33,14 @@ fn policy(max_attempts: u32) -> RetryPolicy {
         initial_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
         deadline: None,
+        ..Default::default()
     }
 }
 
 fn grpc_config(endpoint: &str) -> GrpcConfig {
-    GrpcConfig {
-        endpoint: endpoint.into(),
-        instance_name: String::new(),
-        headers: Headers::default(),
-        ca_file: None,
-        connect_timeout: ConfigDuration::from_secs(2),
-        keepalive_interval: None,
-        keepalive_timeout: None,
-        compression: Default::default(),
-        max_batch_size_bytes: None,
-    }
+    // From text, as users write it: new optional fields need no change here.
+    let yaml = format!("{{endpoint: \"{endpoint}\", connect_timeout: 2s}}");
+    serde_yaml_ng::from_str(&yaml).unwrap()
 }
 
 fn resumable(cfg: &GrpcConfig, policy: RetryPolicy) -> ResumableGrpcActionCache {
@@ -345,14 +337,19 @@ async fn transient_failures_are_retried_and_counted() {
     );
     assert_eq!(counter(&ac, "resumable_grpc", "retries"), 5);
 
+    // RESOURCE_EXHAUSTED without a RetryInfo is a full or refusing store:
+    // an answer, not retried.
     server.fail_next(1, Code::ResourceExhausted);
-    assert_eq!(ac.get_action_result(&a).await.unwrap(), a_result(2));
-    assert_eq!(counter(&ac, "resumable_grpc", "retries"), 6);
+    let err = ac.get_action_result(&a).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(server.calls(), 3 + 4 + 1);
+    assert_eq!(counter(&ac, "resumable_grpc", "retries"), 5);
     assert_eq!(counter(&ac, "resumable_grpc", "give_ups"), 0);
+    assert_eq!(ac.get_action_result(&a).await.unwrap(), a_result(2));
     // Each call counted once, whatever its attempts.
     assert_eq!(counter(&ac, "grpc", "hits"), 2);
     assert_eq!(counter(&ac, "grpc", "updates"), 1);
-    assert_eq!(counter(&ac, "grpc", "errors"), 0);
+    assert_eq!(counter(&ac, "grpc", "errors"), 1);
 }
 
 #[tokio::test]
@@ -405,7 +402,10 @@ async fn the_retry_budget_is_respected() {
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert_eq!(err.digest(), Some(&a));
     assert_eq!(err.backend(), Some("ac.resumable_grpc"));
-    assert!(err.message().starts_with("gave up after 3 attempts: "), "{err}");
+    assert!(
+        err.message().starts_with("gave up after 3 attempts: "),
+        "{err}"
+    );
     assert_eq!(server.calls(), 3);
     assert_eq!(counter(&ac, "resumable_grpc", "retries"), 2);
     assert_eq!(counter(&ac, "resumable_grpc", "give_ups"), 1);
@@ -536,4 +536,38 @@ async fn headers_and_the_instance_name_reach_the_remote_on_every_attempt() {
         assert_eq!(s.instance_name, "ci/main", "{s:?}");
         assert_eq!(s.authorization.as_deref(), Some("Bearer t0k3n"), "{s:?}");
     }
+}
+
+/// A path that takes connections and never answers (a stuck proxy): each call
+/// is abandoned after `stall_timeout` and the budget ends it, instead of a
+/// lookup that hangs a build forever.
+#[tokio::test]
+async fn a_call_without_an_answer_is_abandoned_after_the_stall_timeout() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            conns.push(c);
+        }
+    });
+    let yaml = format!("{{endpoint: \"grpc://127.0.0.1:{port}\", connect_timeout: 60s}}");
+    let cfg: GrpcConfig = serde_yaml_ng::from_str(&yaml).unwrap();
+    let mut p = policy(2);
+    p.stall_timeout = Duration::from_millis(300);
+    let ac = resumable(&cfg, p);
+    let started = std::time::Instant::now();
+    let err = ac
+        .get_action_result(&Digest::of(b"Action"))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.message().contains("stall_timeout"), "{err}");
+    assert_eq!(counter(&ac, "resumable_grpc", "retries"), 1);
+    assert_eq!(counter(&ac, "resumable_grpc", "give_ups"), 1);
+    held.abort();
 }

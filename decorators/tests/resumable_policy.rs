@@ -28,6 +28,7 @@ fn policy(max: u32) -> RetryPolicy {
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
         deadline: None,
+        stall_timeout: Duration::from_secs(30),
     }
 }
 
@@ -300,4 +301,52 @@ async fn a_refused_zstd_resume_falls_back_to_identity() {
     let got = collect(r.get(server.opener(), &d, ReadRange::FULL, Compressor::Zstd)).await;
     assert_eq!(got.unwrap(), data);
     assert_eq!(server.compressors(), vec![Zstd, Identity]);
+}
+
+/// A stall is time the server leaves the reader waiting, not time our own
+/// caller takes between two polls (a slow consumer).
+#[tokio::test(start_paused = true)]
+async fn a_slow_consumer_is_no_stall_and_a_slow_server_is() {
+    use blob_access_decorators::resumable_grpc::{AttemptRequest, AttemptStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let data = blob(1000);
+    let d = Digest::of(&data);
+    for (server_delay, stalls) in [(20u64, 0u64), (40, 1)] {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let (blob_, opened_) = (data.clone(), opened.clone());
+        // Each chunk of 100 bytes comes `server_delay` seconds after it is asked
+        // for, on the first attempt only.
+        let opener = move |r: AttemptRequest| -> AttemptStream {
+            let first = opened_.fetch_add(1, Ordering::SeqCst) == 0;
+            let delay = Duration::from_secs(if first { server_delay } else { 0 });
+            let blob = blob_.clone();
+            futures::stream::unfold(r.offset as usize, move |at| {
+                let blob = blob.clone();
+                async move {
+                    if at >= blob.len() {
+                        return None;
+                    }
+                    tokio::time::sleep(delay).await;
+                    let end = (at + 100).min(blob.len());
+                    Some((Ok(blob.slice(at..end)), end))
+                }
+            })
+            .boxed()
+        };
+        let r = ResumableReads::new("t", policy(5));
+        let mut s = r.get(Arc::new(opener), &d, ReadRange::FULL, Compressor::Identity);
+        let mut got = Vec::new();
+        while let Some(chunk) = s.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+            // The caller takes its time with every chunk.
+            tokio::time::sleep(Duration::from_secs(100)).await;
+        }
+        assert_eq!(got, data);
+        assert_eq!(
+            counter(&r, "stalls"),
+            stalls,
+            "server delay {server_delay}s"
+        );
+    }
 }

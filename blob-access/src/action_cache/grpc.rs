@@ -40,14 +40,7 @@ impl GrpcActionCache {
     /// One GetActionResult call, failing with the status as tonic reports it
     /// (for callers that tell transport failures from answers).
     pub async fn try_get(&self, action: &Digest) -> Result<ActionResult, tonic::Status> {
-        let req = self.conn.request(GetActionResultRequest {
-            instance_name: self.conn.instance_name().to_string(),
-            action_digest: Some(action.to_proto()),
-            // Inlined outputs would skip the CAS, where the caller verifies them.
-            inline_stdout: false,
-            inline_stderr: false,
-            ..Default::default()
-        });
+        let req = self.get_request(action);
         let client = &mut self.conn.action_cache_client();
         Ok(client.get_action_result(req).await?.into_inner())
     }
@@ -58,15 +51,37 @@ impl GrpcActionCache {
         action: &Digest,
         result: &ActionResult,
     ) -> Result<(), tonic::Status> {
-        let req = self.conn.request(UpdateActionResultRequest {
+        let req = self.update_request(action, result);
+        let client = &mut self.conn.action_cache_client();
+        client.update_action_result(req).await?;
+        Ok(())
+    }
+
+    /// The GetActionResult request of `action`, with the configured headers
+    /// (for callers that make the call on a channel of their own).
+    pub fn get_request(&self, action: &Digest) -> tonic::Request<GetActionResultRequest> {
+        self.conn.request(GetActionResultRequest {
+            instance_name: self.conn.instance_name().to_string(),
+            action_digest: Some(action.to_proto()),
+            // Inlined outputs would skip the CAS, where the caller verifies them.
+            inline_stdout: false,
+            inline_stderr: false,
+            ..Default::default()
+        })
+    }
+
+    /// The UpdateActionResult request, like [`get_request`](Self::get_request).
+    pub fn update_request(
+        &self,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> tonic::Request<UpdateActionResultRequest> {
+        self.conn.request(UpdateActionResultRequest {
             instance_name: self.conn.instance_name().to_string(),
             action_digest: Some(action.to_proto()),
             action_result: Some(result.clone()),
             ..Default::default()
-        });
-        let client = &mut self.conn.action_cache_client();
-        client.update_action_result(req).await?;
-        Ok(())
+        })
     }
 
     /// Counts the outcome of a call (by whatever node made it).

@@ -33,6 +33,11 @@ pub struct GrpcConfig {
     /// Close a connection whose ping is not answered within this. Default 20s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_timeout: Option<Duration>,
+    /// Also ping while no call is active. Default: true when `keepalive_interval`
+    /// is set (`resumable_grpc`, which pings by default, does not ping idle
+    /// connections unless told: servers count idle pings as abuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_while_idle: Option<bool>,
     /// `zstd` transfers ByteStream reads as `compressed-blobs/zstd` when the server
     /// advertises it (used by `resumable_grpc`). Default `none`.
     #[serde(default)]

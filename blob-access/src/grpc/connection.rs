@@ -32,9 +32,13 @@ pub struct GrpcConnection {
     inner: Arc<Inner>,
 }
 
+type Connect = Box<dyn Fn() -> Channel + Send + Sync>;
+
 struct Inner {
     name: String,
     channel: Channel,
+    /// Makes another channel with the same settings (endpoint, TLS, keepalive).
+    connect: Connect,
     instance_name: String,
     headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     compression: Compression,
@@ -51,7 +55,8 @@ impl GrpcConnection {
     /// node's path in the tree, used in errors and metrics.
     pub fn new(name: &str, cfg: &GrpcConfig) -> Result<Self> {
         let name = if name.is_empty() { "grpc" } else { name };
-        let channel = channel(name, cfg)?;
+        let connect = connector(name, cfg)?;
+        let channel = connect();
         let headers = cfg
             .headers
             .0
@@ -74,6 +79,7 @@ impl GrpcConnection {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 channel,
+                connect,
                 instance_name: cfg.instance_name.clone(),
                 headers,
                 compression: cfg.compression,
@@ -96,6 +102,13 @@ impl GrpcConnection {
     }
     pub fn channel(&self) -> Channel {
         self.inner.channel.clone()
+    }
+
+    /// A new lazily connected channel with the same endpoint, TLS and
+    /// keepalive settings: its calls go over a connection of their own (for
+    /// a caller that no longer trusts the shared one).
+    pub fn new_channel(&self) -> Channel {
+        (self.inner.connect)()
     }
 
     /// A ByteStream client on the shared channel.
@@ -194,8 +207,8 @@ impl GrpcConnection {
     }
 }
 
-/// Builds the lazily connecting channel for `cfg.endpoint`.
-fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
+/// Checks `cfg` and returns what makes lazily connecting channels to `cfg.endpoint`.
+fn connector(name: &str, cfg: &GrpcConfig) -> Result<Connect> {
     let bad = |why: &str| config_error(name, "endpoint", format!("{:?} {why}", cfg.endpoint));
     let (uri, tls, unix) = if let Some(rest) = cfg.endpoint.strip_prefix("grpc://") {
         (format!("http://{rest}"), false, None)
@@ -228,7 +241,7 @@ fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
     if let Some(i) = cfg.keepalive_interval {
         ep = ep
             .http2_keep_alive_interval(i.get())
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(cfg.keepalive_while_idle.unwrap_or(true));
     }
     if let Some(t) = cfg.keepalive_timeout {
         ep = ep.keep_alive_timeout(t.get());
@@ -245,13 +258,16 @@ fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
             .map_err(|e| config_error(name, "endpoint", e))?;
     }
     Ok(match unix {
-        None => ep.connect_lazy(),
-        Some(path) => ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+        None => Box::new(move || ep.connect_lazy()),
+        Some(path) => Box::new(move || {
             let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        })),
+            ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+        }),
     })
 }

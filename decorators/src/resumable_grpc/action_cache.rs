@@ -2,14 +2,21 @@
 //! UpdateActionResult forwarded to the remote, retried when the transport
 //! fails (a proxy reloading between two of a build's thousand lookups), by
 //! the same rules and budget as a read that makes no progress. Both calls are
-//! idempotent, so a retry never does harm.
+//! idempotent, so a retry never does harm. A call without an answer for the
+//! node's `stall_timeout` (a black-holed path) is abandoned and retried like a
+//! cut one.
 
+use super::observe::{Observed, ObservingChannel};
 use super::{classify, Failure, RetryPolicy, Verdict};
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
 use blob_access::node::Counters;
+use blob_access::proto::action_cache_client::ActionCacheClient;
 use blob_access::{Digest, NodeMetrics, Result};
 use std::future::Future;
 use std::time::Instant;
+use tonic::transport::Channel;
+
+type Client = ActionCacheClient<ObservingChannel<Channel>>;
 
 /// See the module documentation.
 pub struct ResumableGrpcActionCache {
@@ -42,21 +49,44 @@ impl ResumableGrpcActionCache {
             .error(blob_access::Error::new(last.code(), message), action)
     }
 
+    /// A client whose calls record the status the server sent.
+    fn client(&self) -> Client {
+        ActionCacheClient::new(ObservingChannel::new(self.plain.connection().channel()))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Makes `call` (given a client and the record to attach to its request)
+    /// until it succeeds, fails for good, or the budget is spent.
     async fn retrying<T, F, Fut>(&self, action: &Digest, mut call: F) -> Result<T>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Client, Observed) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let started = Instant::now();
         let mut failed = 0u32;
         loop {
-            let status = match call().await {
-                Ok(v) => return Ok(v),
-                Err(s) => s,
+            let observed = Observed::default();
+            let stall = self.policy.stall_timeout;
+            let call = tokio::time::timeout(stall, call(self.client(), observed.clone()));
+            let status = match call.await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(s)) => s,
+                // Made up here, so classified as a transport failure.
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {stall:?} (stall_timeout)"
+                )),
             };
             failed += 1;
-            let failure = Failure::from_status(status);
+            let failure = Failure::from_status(status, observed.sent());
             let delay = match classify(&failure) {
+                // For UpdateActionResult, RESOURCE_EXHAUSTED is a full or
+                // refusing store: worth another try only when the server says when.
+                Verdict::Retry { server_delay: None }
+                    if failure.error.code() == blob_access::Code::ResourceExhausted =>
+                {
+                    return Err(self.plain.error(failure.error, action));
+                }
                 Verdict::Retry { server_delay }
                     if failed < self.policy.max_attempts_without_progress =>
                 {
@@ -83,14 +113,24 @@ impl ResumableGrpcActionCache {
 #[async_trait::async_trait]
 impl ActionCache for ResumableGrpcActionCache {
     async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
-        let result = self.retrying(action, || self.plain.try_get(action)).await;
+        let result = self
+            .retrying(action, |mut client, observed| {
+                let mut req = self.plain.get_request(action);
+                observed.attach(&mut req);
+                async move { Ok(client.get_action_result(req).await?.into_inner()) }
+            })
+            .await;
         self.plain.count(&result, "hits");
         result
     }
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
         let outcome = self
-            .retrying(action, || self.plain.try_update(action, result))
+            .retrying(action, |mut client, observed| {
+                let mut req = self.plain.update_request(action, result);
+                observed.attach(&mut req);
+                async move { client.update_action_result(req).await.map(|_| ()) }
+            })
             .await;
         self.plain.count(&outcome, "updates");
         outcome

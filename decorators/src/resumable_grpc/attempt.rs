@@ -19,6 +19,8 @@ pub struct AttemptRequest {
     pub limit: u64,
     /// Ask for `compressed-blobs/zstd/...` (if the server supports it).
     pub compressor: Compressor,
+    /// Go over a new connection: the one the last attempt used is not trusted.
+    pub fresh_connection: bool,
 }
 
 /// Opens one ByteStream Read attempt of a given blob. The stream must be lazy

@@ -1,9 +1,11 @@
 //! One ByteStream Read attempt over a tonic channel: the resource name (with
 //! `compressed-blobs/zstd/` when the server takes it), `read_offset` and
 //! `read_limit` in uncompressed bytes, the configured request headers, and
-//! each failure classified for the retry rule.
+//! each failure classified for the retry rule by what the server sent.
 
 use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
+use super::channels::Channels;
+use super::observe::{Observed, ObservingChannel};
 use super::retry::Failure;
 use super::zstd_decode::decompress;
 use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
@@ -13,18 +15,26 @@ use blob_access::Digest;
 use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryFutureExt};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::transport::Channel;
 
+/// Largest message accepted, as for the plain `grpc` node.
+const MAX_MESSAGE: usize = 64 << 20;
+
+type Client = ByteStreamClient<ObservingChannel<Channel>>;
 type Decorate = Arc<dyn Fn(ReadRequest) -> tonic::Request<ReadRequest> + Send + Sync>;
 
-/// Opens ByteStream Read attempts of one blob through `client`.
+/// Opens ByteStream Read attempts of one blob through the node's channels.
 ///
-/// Cheap to clone; each attempt is a new RPC on the same channel, so a channel
-/// whose connection was killed reconnects for the next attempt.
+/// Cheap to clone; each attempt is a new RPC on the current channel (which
+/// reconnects by itself once its connection was killed), or on a new channel
+/// when the attempt asks for a fresh connection.
 #[derive(Clone)]
 pub struct ByteStreamOpener {
-    client: ByteStreamClient<Channel>,
+    channels: Arc<Channels>,
+    /// The number of the channel the last attempt of this read used.
+    used: Arc<AtomicU64>,
     instance_name: String,
     digest: Digest,
     decorate: Decorate,
@@ -34,9 +44,11 @@ pub struct ByteStreamOpener {
 impl ByteStreamOpener {
     /// Attempts read `digest` under `instance_name`; without further settings
     /// requests carry no extra headers and zstd is assumed to be supported.
-    pub fn new(client: ByteStreamClient<Channel>, instance_name: &str, digest: &Digest) -> Self {
+    pub fn new(channels: Arc<Channels>, instance_name: &str, digest: &Digest) -> Self {
+        let used = Arc::new(AtomicU64::new(channels.current().0));
         ByteStreamOpener {
-            client,
+            channels,
+            used,
             instance_name: instance_name.to_string(),
             digest: digest.clone(),
             decorate: Arc::new(tonic::Request::new),
@@ -66,19 +78,30 @@ impl ByteStreamOpener {
             _ => Compressor::Identity,
         };
         let resource = ReadResource::new(&self.instance_name, compressor, self.digest.clone());
-        let request = (self.decorate)(ReadRequest {
+        let mut request = (self.decorate)(ReadRequest {
             resource_name: resource.to_string(),
             read_offset: r.offset as i64,
             read_limit: r.limit as i64,
         });
-        let mut client = self.client;
-        let stream = client
-            .read(request)
-            .await
-            .map_err(Failure::from_status)?
-            .into_inner();
+        let observed = Observed::default();
+        observed.attach(&mut request);
+        let (number, channel) = if r.fresh_connection {
+            self.channels.replace(self.used.load(Ordering::Relaxed))
+        } else {
+            self.channels.current()
+        };
+        self.used.store(number, Ordering::Relaxed);
+        let mut client: Client = ByteStreamClient::new(ObservingChannel::new(channel))
+            .max_decoding_message_size(MAX_MESSAGE);
+        let stream = match client.read(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(Failure::from_status(status, observed.sent())),
+        };
         let bytes = stream
-            .map(|m| m.map(|m| Bytes::from(m.data)).map_err(Failure::from_status))
+            .map(move |m| {
+                m.map(|m| Bytes::from(m.data))
+                    .map_err(|status| Failure::from_status(status, observed.sent()))
+            })
             .boxed();
         Ok(match compressor {
             Compressor::Zstd => decompress(bytes),

@@ -11,7 +11,7 @@
 //! dropping it drops the attempt in flight (cancelling the RPC) and any wait.
 
 use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
-use super::retry::{classify, Failure, RetryPolicy, Verdict};
+use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict};
 use blob_access::node::Counters;
 use blob_access::resource::Compressor;
 use blob_access::{Code, Digest, Error, ReadRange, Result};
@@ -32,6 +32,10 @@ pub const COUNTERS: &[&str] = &[
     "give_ups",
     "zstd_fallbacks",
     "offset_rechecks",
+    "overruns_trimmed",
+    "read_limit_fallbacks",
+    "stalls",
+    "fresh_connections",
 ];
 
 /// What one read shares with the layer above it (see `recheck`).
@@ -44,6 +48,9 @@ pub struct ReadShared {
     /// Set by the reader when a zstd resume was refused: later reads of the node
     /// resume uncompressed at once.
     pub zstd_offset_refused: Arc<AtomicBool>,
+    /// Set when the server refused a non-zero `read_limit`: later ranged reads
+    /// of the node ask for everything from their offset and stop themselves.
+    pub read_limit_refused: Arc<AtomicBool>,
 }
 
 enum State {
@@ -72,6 +79,15 @@ pub struct ResumingReader {
     in_a_row: u32,
     this_attempt: u64,
     started: Option<Instant>,
+    /// Fires when the attempt in flight has delivered nothing for `stall_timeout`.
+    stall: Pin<Box<Sleep>>,
+    /// A byte was handed out: the stall clock restarts at the next poll, so
+    /// time our caller takes (a slow consumer) never counts as a stall.
+    handed_out: bool,
+    /// The next attempt goes on a new connection.
+    fresh_connection: bool,
+    /// The last attempt failed on the transport.
+    transport_failed: bool,
     state: State,
 }
 
@@ -103,6 +119,10 @@ impl ResumingReader {
             in_a_row: 0,
             this_attempt: 0,
             started: None,
+            stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            handed_out: false,
+            fresh_connection: false,
+            transport_failed: false,
             state: State::Open,
         }
     }
@@ -116,18 +136,25 @@ impl ResumingReader {
                 offset: self.digest.size_bytes(),
                 limit: 0,
                 compressor: Compressor::Identity,
+                fresh_connection: self.fresh_connection,
             };
         }
         let offset = self.offset + self.delivered;
         let refused = offset > 0 && self.shared.zstd_offset_refused.load(Ordering::Relaxed);
+        let no_limit = self.shared.read_limit_refused.load(Ordering::Relaxed);
         AttemptRequest {
             offset,
-            limit: if self.limited { remaining } else { 0 },
+            limit: if self.limited && !no_limit {
+                remaining
+            } else {
+                0
+            },
             compressor: if refused {
                 Compressor::Identity
             } else {
                 self.compressor
             },
+            fresh_connection: self.fresh_connection,
         }
     }
 
@@ -144,6 +171,18 @@ impl ResumingReader {
     fn after_failure(&mut self, f: Failure) -> std::result::Result<State, Error> {
         let progress = self.this_attempt > 0;
         self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
+        // One transport failure may be a connection killed under us (the
+        // channel reconnects by itself). An attempt that then fails on the
+        // transport before its first byte suggests a connection that stays
+        // doomed (a draining proxy resetting new streams, a refused
+        // connection): the next goes on a new one, costing the budget one
+        // attempt. A stall is the same at once.
+        let transport = f.origin == Origin::Transport;
+        self.fresh_connection = f.stalled || (transport && !progress && self.transport_failed);
+        self.transport_failed = transport;
+        if self.fresh_connection {
+            self.counters.inc("fresh_connections");
+        }
         let context = format!(
             "attempt {} at read_offset {}, {} of {} bytes delivered",
             self.attempts,
@@ -153,6 +192,14 @@ impl ResumingReader {
         );
         let server_delay = match classify(&f) {
             Verdict::Retry { server_delay } => server_delay,
+            Verdict::Fatal if self.limit_refused(&f, progress) => {
+                self.shared
+                    .read_limit_refused
+                    .store(true, Ordering::Relaxed);
+                self.counters.inc("read_limit_fallbacks");
+                tracing::info!(digest = %self.digest, cause = %f.error, "server refused read_limit; reading on from the offset and stopping at the end of the range");
+                return Ok(State::Open);
+            }
             Verdict::Fatal if self.zstd_refused(&f, progress) => {
                 self.compressor = Compressor::Identity;
                 if self.offset + self.delivered > 0 {
@@ -219,6 +266,16 @@ impl ResumingReader {
             )
     }
 
+    /// A server that does not take a non-zero `read_limit` says so before
+    /// sending anything; the range is then read without one (and trimmed).
+    fn limit_refused(&self, f: &Failure, progress: bool) -> bool {
+        let request = self.next_request();
+        request.limit > 0
+            && request.compressor == Compressor::Identity
+            && !progress
+            && matches!(f.error.code(), Code::InvalidArgument | Code::Unimplemented)
+    }
+
     fn resumed(&mut self, f: &Failure, delay: Duration) {
         let next = self.next_request();
         self.shared.resumptions.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +299,10 @@ impl Stream for ResumingReader {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if std::mem::take(&mut this.handed_out) {
+            let timeout = this.policy.stall_timeout;
+            this.stall.as_mut().reset(Instant::now() + timeout);
+        }
         loop {
             match &mut this.state {
                 State::Done => return Poll::Ready(None),
@@ -257,11 +318,43 @@ impl Stream for ResumingReader {
                     this.attempts += 1;
                     this.this_attempt = 0;
                     this.state = State::Streaming(this.opener.open(this.next_request()));
+                    this.fresh_connection = false;
+                    let timeout = this.policy.stall_timeout;
+                    this.stall.as_mut().reset(Instant::now() + timeout);
                 }
                 State::Streaming(stream) => {
-                    let failure = match ready!(stream.poll_next_unpin(cx)) {
+                    let polled = match stream.poll_next_unpin(cx) {
+                        Poll::Pending => match this.stall.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(()) => {
+                                let timeout = this.policy.stall_timeout;
+                                this.counters.inc("stalls");
+                                Some(Err(Failure::stall(timeout)))
+                            }
+                        },
+                        Poll::Ready(item) => {
+                            let timeout = this.policy.stall_timeout;
+                            this.stall.as_mut().reset(Instant::now() + timeout);
+                            item
+                        }
+                    };
+                    let failure = match polled {
                         Some(Ok(chunk)) if chunk.is_empty() => continue,
-                        Some(Ok(chunk)) => {
+                        Some(Ok(mut chunk)) => {
+                            let remaining = this.want - this.delivered;
+                            if this.limited && chunk.len() as u64 >= remaining {
+                                // A ranged read is complete once it holds its
+                                // bytes: what the server sends or says after
+                                // (whole chunks past read_limit, an error of
+                                // its own) does not matter.
+                                if chunk.len() as u64 > remaining {
+                                    this.counters.inc("overruns_trimmed");
+                                    chunk.truncate(remaining as usize);
+                                }
+                                this.delivered = this.want;
+                                this.this_attempt += remaining;
+                                return this.finish(Some(Ok(chunk)));
+                            }
                             let len = chunk.len() as u64;
                             if this.delivered + len > this.want {
                                 // Passed on, not dropped: the verifier around the
@@ -277,6 +370,7 @@ impl Stream for ResumingReader {
                             }
                             this.delivered += len;
                             this.this_attempt += len;
+                            this.handed_out = true;
                             return Poll::Ready(Some(Ok(chunk)));
                         }
                         // Everything arrived; an error on the way out loses nothing.

@@ -48,6 +48,7 @@ pub struct ResumableReads {
     policy: RetryPolicy,
     counters: Arc<Counters>,
     zstd_offset_refused: Arc<AtomicBool>,
+    read_limit_refused: Arc<AtomicBool>,
 }
 
 impl ResumableReads {
@@ -58,6 +59,7 @@ impl ResumableReads {
             policy,
             counters: Arc::new(Counters::new(COUNTERS)),
             zstd_offset_refused: Arc::new(AtomicBool::new(false)),
+            read_limit_refused: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -77,6 +79,7 @@ impl ResumableReads {
     ) -> BlobStream {
         let shared = Arc::new(ReadShared {
             zstd_offset_refused: self.zstd_offset_refused.clone(),
+            read_limit_refused: self.read_limit_refused.clone(),
             ..ReadShared::default()
         });
         let reader = ResumingReader::new(
@@ -96,7 +99,8 @@ impl ResumableReads {
     }
 
     /// Appends this node's counters: `reads`, `resumptions`, `bytes_rerequested`,
-    /// `give_ups`, `zstd_fallbacks` and `offset_rechecks`.
+    /// `give_ups`, `zstd_fallbacks`, `offset_rechecks`, `overruns_trimmed` (ranged
+    /// reads the server sent past `read_limit`) and `read_limit_fallbacks`.
     pub fn metrics(&self, out: &mut Vec<NodeMetrics>) {
         out.push(self.counters.snapshot(&self.name, "resumable_grpc"));
     }

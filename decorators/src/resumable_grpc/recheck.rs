@@ -111,6 +111,7 @@ async fn full_read_check(opener: Arc<dyn ReadOpener>, digest: Digest) -> CheckVe
         offset: 0,
         limit: 0,
         compressor: Compressor::Identity,
+        fresh_connection: false,
     });
     let mut hasher = digest.function().hasher();
     let mut seen = 0u64;

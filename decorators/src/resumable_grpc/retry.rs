@@ -5,7 +5,9 @@
 //! GOAWAY, a TCP reset, an HTTP 502 answer, a stream that just stops. tonic
 //! reports each as a `Status` whose code alone does not tell a broken transport
 //! from a server's considered answer (both can be INTERNAL or UNKNOWN), so a
-//! [`Failure`] also records where the failure came from.
+//! [`Failure`] also records where the failure came from: from the server only
+//! when its `grpc-status` was seen on the wire ([`super::observe`]), never
+//! guessed from tonic's message texts.
 
 use blob_access::{Code, Error};
 use rand::Rng;
@@ -17,7 +19,8 @@ pub enum Origin {
     /// A status the server (or a proxy speaking gRPC) sent in its trailers.
     Server,
     /// Synthesised by the client from a broken stream or connection: RST_STREAM,
-    /// GOAWAY, a TCP reset or FIN, a missing `grpc-status`, an HTTP 502/503/504 answer.
+    /// GOAWAY, a TCP reset or FIN, a missing `grpc-status`, an HTTP answer
+    /// without one, a message cut short or undecodable, a stall.
     Transport,
     /// The stream ended with status OK before all the bytes arrived.
     Truncated,
@@ -28,6 +31,8 @@ pub enum Origin {
 pub struct Failure {
     pub error: Error,
     pub origin: Origin,
+    /// The attempt delivered nothing for the stall timeout (and was dropped).
+    pub stalled: bool,
 }
 
 impl Failure {
@@ -36,6 +41,7 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Server,
+            stalled: false,
         }
     }
 
@@ -44,6 +50,18 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Transport,
+            stalled: false,
+        }
+    }
+
+    /// The attempt delivered no byte for `timeout` while its stream stayed open.
+    pub fn stall(timeout: Duration) -> Self {
+        let error = Error::unavailable(format!(
+            "no byte for {timeout:?} (stall_timeout): the stream or its connection is stuck"
+        ));
+        Failure {
+            stalled: true,
+            ..Failure::transport(error)
         }
     }
 
@@ -55,27 +73,22 @@ impl Failure {
         Failure {
             error,
             origin: Origin::Truncated,
+            stalled: false,
         }
     }
 
-    /// Classifies a status returned by tonic. A status tonic made from a local
-    /// error (h2, hyper, io) carries that error as its source; one decoded from
-    /// the server's trailers has none. A few transport cases tonic synthesises
-    /// without a source are recognised by their fixed messages.
-    pub fn from_status(status: tonic::Status) -> Self {
-        let has_source = std::error::Error::source(&status).is_some();
-        let msg = status.message();
-        let transport = has_source
-            || msg.starts_with("h2 protocol error")
-            || msg.contains("missing grpc-status trailer")
-            || ["502", "503", "504"]
-                .iter()
-                .any(|c| msg.contains(&format!("mapped from HTTP status code {c}")));
+    /// Classifies a status tonic returned for a call on which the server sent
+    /// the `grpc-status` `sent` (see [`super::observe`]). It is the server's
+    /// answer only if the server sent that very code, and not OK: anything
+    /// else (no status, or OK with the body cut short) tonic made up from a
+    /// broken stream, whatever its code and message say.
+    pub fn from_status(status: tonic::Status, sent: Option<Code>) -> Self {
+        let answered = sent.is_some_and(|c| c != Code::Ok && c == status.code());
         let error = Error::from(status);
-        if transport {
-            Failure::transport(error)
-        } else {
+        if answered {
             Failure::server(error)
+        } else {
+            Failure::transport(error)
         }
     }
 }
@@ -94,18 +107,20 @@ pub enum Verdict {
 /// PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE, UNIMPLEMENTED,
 /// FAILED_PRECONDITION, ...) are not.
 ///
+/// Whatever the transport synthesised is retried, whatever code tonic gave it
+/// (an HTML 404 page from a proxy becomes UNIMPLEMENTED): the attempt budget
+/// bounds a transport that keeps failing.
+///
 /// CANCELLED and DEADLINE_EXCEEDED are retried: a cancellation by our own
 /// caller is a dropped stream, which never gets here, and our own deadline is
 /// checked separately by the reader.
 pub fn classify(f: &Failure) -> Verdict {
     let retry = Verdict::Retry { server_delay: None };
-    if f.origin == Origin::Truncated {
+    if matches!(f.origin, Origin::Truncated | Origin::Transport) {
         return retry;
     }
-    let transport = f.origin == Origin::Transport;
     match f.error.code() {
         Code::Unavailable | Code::Aborted | Code::Cancelled | Code::DeadlineExceeded => retry,
-        Code::Internal | Code::Unknown if transport => retry,
         Code::ResourceExhausted => Verdict::Retry {
             server_delay: f.error.retry_delay(),
         },
@@ -124,6 +139,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// No attempt is started (and no backoff waited) later than this after the read began.
     pub deadline: Option<Duration>,
+    /// An attempt that delivers nothing for this long is abandoned (a stall).
+    pub stall_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -133,6 +150,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             deadline: None,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -165,6 +183,7 @@ mod tests {
         classify(&Failure {
             error: Error::new(code, "x"),
             origin,
+            stalled: false,
         })
     }
 
@@ -180,15 +199,9 @@ mod tests {
         ] {
             assert_eq!(code_verdict(code, Origin::Server), retry, "{code:?}");
         }
-        for code in [Code::Internal, Code::Unknown] {
-            assert_eq!(code_verdict(code, Origin::Transport), retry, "{code:?}");
-            assert_eq!(
-                code_verdict(code, Origin::Server),
-                Verdict::Fatal,
-                "{code:?}"
-            );
-        }
         for code in [
+            Code::Internal,
+            Code::Unknown,
             Code::NotFound,
             Code::InvalidArgument,
             Code::PermissionDenied,
@@ -203,7 +216,15 @@ mod tests {
                 Verdict::Fatal,
                 "{code:?}"
             );
-            assert_eq!(code_verdict(code, Origin::Transport), Verdict::Fatal);
+        }
+        // Whatever code tonic gave a transport failure, it is retried.
+        for code in [
+            Code::Internal,
+            Code::Unknown,
+            Code::Unimplemented,
+            Code::OutOfRange,
+        ] {
+            assert_eq!(code_verdict(code, Origin::Transport), retry, "{code:?}");
         }
         assert_eq!(classify(&Failure::truncated(1, 2)), retry);
     }
@@ -215,7 +236,7 @@ mod tests {
             "slow down",
             tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(1500))),
         );
-        let f = Failure::from_status(status);
+        let f = Failure::from_status(status, Some(Code::ResourceExhausted));
         assert_eq!(f.origin, Origin::Server);
         assert_eq!(
             classify(&f),
@@ -226,30 +247,20 @@ mod tests {
     }
 
     #[test]
-    fn status_origin() {
-        let server = Failure::from_status(tonic::Status::internal("disk on fire"));
+    fn status_origin_is_what_the_server_sent() {
+        let internal = || tonic::Status::internal("disk on fire");
+        let server = Failure::from_status(internal(), Some(Code::Internal));
         assert_eq!(server.origin, Origin::Server);
+        // The same status without a grpc-status on the wire: tonic made it up
+        // (e.g. "Unexpected EOF decoding stream."), whatever its text says.
+        for sent in [None, Some(Code::Ok), Some(Code::Unavailable)] {
+            let f = Failure::from_status(internal(), sent);
+            assert_eq!(f.origin, Origin::Transport, "{sent:?}");
+        }
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        let local = Failure::from_status(tonic::Status::from_error(Box::new(io)));
+        let local = Failure::from_status(tonic::Status::from_error(Box::new(io)), None);
         assert_eq!(local.origin, Origin::Transport);
         assert!(local.error.message().contains("reset by peer"));
-        for (msg, origin) in [
-            (
-                "grpc-status header missing, mapped from HTTP status code 503",
-                Origin::Transport,
-            ),
-            (
-                "grpc-status header missing, mapped from HTTP status code 500",
-                Origin::Server,
-            ),
-            (
-                "protocol error: missing grpc-status trailer, stream was terminated",
-                Origin::Transport,
-            ),
-        ] {
-            let f = Failure::from_status(tonic::Status::unknown(msg));
-            assert_eq!(f.origin, origin, "{msg}");
-        }
     }
 
     #[test]

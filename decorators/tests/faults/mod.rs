@@ -3,6 +3,7 @@
 //! that break streams the ways middleware does.
 #![allow(dead_code)]
 
+pub mod frame_proxy;
 pub mod h2_server;
 #[allow(unused_imports)]
 pub use blob_access::chaos as proxy;
@@ -11,23 +12,28 @@ pub mod server;
 
 use blob_access::resource::Compressor;
 use blob_access::{BlobStream, Digest, Error, ReadRange};
-use blob_access_decorators::resumable_grpc::{ByteStreamOpener, ResumableReads, RetryPolicy};
+use blob_access_decorators::resumable_grpc::{
+    ByteStreamOpener, Channels, ResumableReads, RetryPolicy,
+};
 use futures::StreamExt;
 use std::sync::Arc;
 
 /// The client under test: resuming reads over one tonic channel to `endpoint`.
 pub struct Client {
     pub reads: ResumableReads,
-    channel: tonic::transport::Channel,
+    channels: Arc<Channels>,
     compressor: Compressor,
 }
 
 impl Client {
     pub fn new(endpoint: &str, zstd: bool, policy: RetryPolicy) -> Self {
         let uri = endpoint.replace("grpc://", "http://");
-        let channel = tonic::transport::Channel::from_shared(uri)
-            .unwrap()
-            .connect_lazy();
+        let connect = move || {
+            tonic::transport::Channel::from_shared(uri.clone())
+                .unwrap()
+                .connect_lazy()
+        };
+        let channels = Arc::new(Channels::new(connect(), connect));
         let compressor = if zstd {
             Compressor::Zstd
         } else {
@@ -35,17 +41,13 @@ impl Client {
         };
         Client {
             reads: ResumableReads::new("resumable", policy),
-            channel,
+            channels,
             compressor,
         }
     }
 
     pub fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
-        let client = blob_access::bytestream_proto::byte_stream_client::ByteStreamClient::new(
-            self.channel.clone(),
-        )
-        .max_decoding_message_size(16 << 20);
-        let opener = ByteStreamOpener::new(client, "", digest);
+        let opener = ByteStreamOpener::new(self.channels.clone(), "", digest);
         self.reads
             .get(Arc::new(opener), digest, range, self.compressor)
     }

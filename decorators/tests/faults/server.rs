@@ -39,6 +39,11 @@ pub struct Options {
     pub zstd: bool,
     /// Answer compressed reads at a non-zero offset with UNIMPLEMENTED.
     pub refuse_zstd_offset: bool,
+    /// Send up to 100 000 bytes past `read_limit`, then fail with INTERNAL
+    /// (servers that send whole chunks and then complain).
+    pub overrun_read_limit: bool,
+    /// Answer a non-zero `read_limit` with this code (UNIMPLEMENTED, INVALID_ARGUMENT).
+    pub refuse_read_limit: Option<Code>,
 }
 
 #[derive(Default)]
@@ -158,12 +163,27 @@ impl bs::byte_stream_server::ByteStream for Service {
         } else {
             r.read_offset.max(0) as u64
         };
-        let limit = (r.read_limit > 0).then_some(r.read_limit as u64);
+        let mut limit = (r.read_limit > 0).then_some(r.read_limit as u64);
+        if let (Some(code), Some(_)) = (self.opts.refuse_read_limit, limit) {
+            return Err(Status::new(code, "read_limit is not supported"));
+        }
         if offset > res.digest.size_bytes() {
             return Err(Status::out_of_range("read_offset past the end"));
         }
+        let overrun = self.opts.overrun_read_limit && limit.is_some();
+        if overrun {
+            let size = res.digest.size_bytes();
+            limit = limit.map(|l| (l + 100_000).min(size - offset));
+        }
         let data = self.cas.get(&res.digest, ReadRange::new(offset, limit));
-        Ok(Response::new(faulty(data, offset, fault, zstd)))
+        let mut stream = faulty(data, offset, fault, zstd);
+        if overrun {
+            let complaint = Status::internal("sent more than read_limit");
+            stream = stream
+                .chain(futures::stream::iter([Err(complaint)]))
+                .boxed();
+        }
+        Ok(Response::new(stream))
     }
 
     async fn write(
