@@ -100,6 +100,10 @@ enum Command {
         /// the capabilities then tell clients not to upload.
         #[arg(long)]
         action_cache_read_only: bool,
+        /// Require `authorization: Bearer TOKEN` on every call but health checks:
+        /// FILE has one `read TOKEN` or `write TOKEN` a line (`#` comments); re-read on SIGHUP.
+        #[arg(long, value_name = "FILE")]
+        auth_tokens: Option<PathBuf>,
     },
 }
 
@@ -177,12 +181,14 @@ fn main() -> ExitCode {
                 metrics_listen,
                 shutdown_grace,
                 action_cache_read_only,
+                auth_tokens,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
                     metrics_listen,
                     shutdown_grace,
                     action_cache_read_only,
+                    auth_tokens,
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

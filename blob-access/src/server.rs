@@ -27,6 +27,7 @@
 //! ```
 
 mod action_cache;
+mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
@@ -37,6 +38,7 @@ mod zstd_stream;
 
 pub use crate::Storage;
 use crate::{ActionCache, BlobAccess, Error, Result};
+pub use auth::{Auth, Permission, Tokens};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -65,6 +67,10 @@ pub struct ServerConfig {
     /// Refuse UpdateActionResult (PERMISSION_DENIED) and advertise updates as
     /// disabled: clients read results others wrote, and upload none.
     pub action_cache_read_only: bool,
+    /// Bearer tokens every caller must present (see [`Tokens`]); `None` (the
+    /// default) serves everyone. Health checks never need one. Checked by
+    /// [`serve_tcp`] and [`serve_unix`], not by the bare [`services`].
+    pub auth: Option<Auth>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +83,7 @@ impl Default for ServerConfig {
             zstd_level: 1,
             shutdown_grace: Duration::from_secs(30),
             action_cache_read_only: false,
+            auth: None,
         }
     }
 }
@@ -242,9 +249,11 @@ where
         tracing::info!("shutting down: no new connections, running transfers may finish");
         let _ = draining_tx.send(());
     };
+    let auth = auth::AuthLayer(shared.cfg.auth.clone());
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .layer(auth)
         .add_routes(routes(shared))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

@@ -3,9 +3,9 @@
 //! logging) without a code change.
 
 use blob_access::metrics::{CallMetrics, NodeCounters};
-use blob_access::server::{self, ServerConfig};
+use blob_access::server::{self, Auth, ServerConfig, Tokens};
 use blob_access::BuildContext;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub shutdown_grace: std::time::Duration,
     /// Refuse action result uploads.
     pub action_cache_read_only: bool,
+    /// Tokens file (`read TOKEN` / `write TOKEN` lines), re-read on SIGHUP.
+    pub auth_tokens: Option<PathBuf>,
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -75,9 +77,34 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         }
         None => None,
     };
+    let auth = match &opts.auth_tokens {
+        Some(path) => {
+            let tokens = Tokens::load(path).map_err(|e| e.to_string())?;
+            eprintln!(
+                "blob-access: {} tokens ({} may write) from {}",
+                tokens.len(),
+                tokens.writers(),
+                path.display()
+            );
+            Some(Auth::new(tokens))
+        }
+        None => None,
+    };
+    // Dropped (and so stopped) when serving ends.
+    let _reload = match (&auth, &opts.auth_tokens) {
+        (Some(auth), Some(path)) => {
+            // Installed before serving starts: a SIGHUP would otherwise end the process.
+            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+            let task = tokio::spawn(reload_on_sighup(hup, auth.clone(), path.clone()));
+            Some(AbortOnDrop(task))
+        }
+        _ => None,
+    };
     let cfg = ServerConfig {
         shutdown_grace: opts.shutdown_grace,
         action_cache_read_only: opts.action_cache_read_only,
+        auth,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
@@ -101,6 +128,27 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Re-reads the tokens file on every SIGHUP; a file that does not parse keeps
+/// the tokens in force.
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, auth: Auth, path: PathBuf) {
+    while hup.recv().await.is_some() {
+        match Tokens::load(&path) {
+            Ok(tokens) => {
+                eprintln!(
+                    "blob-access: SIGHUP: {} tokens ({} may write) from {}",
+                    tokens.len(),
+                    tokens.writers(),
+                    path.display()
+                );
+                auth.replace(tokens);
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: keeping the previous tokens: {e}");
+            }
+        }
     }
 }
 
