@@ -104,6 +104,10 @@ enum Command {
         /// FILE has one `read TOKEN` or `write TOKEN` a line (`#` comments); re-read on SIGHUP.
         #[arg(long, value_name = "FILE")]
         auth_tokens: Option<PathBuf>,
+        /// Serve a non-loopback TCP address without any authentication (no
+        /// --auth-tokens): anyone who reaches it may read and write.
+        #[arg(long)]
+        allow_unauthenticated: bool,
     },
 }
 
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
                 shutdown_grace,
                 action_cache_read_only,
                 auth_tokens,
+                allow_unauthenticated,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
                     shutdown_grace,
                     action_cache_read_only,
                     auth_tokens,
+                    allow_unauthenticated,
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

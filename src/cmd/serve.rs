@@ -24,6 +24,8 @@ pub struct ServeOptions {
     pub action_cache_read_only: bool,
     /// Tokens file (`read TOKEN` / `write TOKEN` lines), re-read on SIGHUP.
     pub auth_tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without authentication.
+    pub allow_unauthenticated: bool,
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -116,6 +118,19 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        if !addr.ip().is_loopback() && cfg.auth.is_none() {
+            if !opts.allow_unauthenticated {
+                return Err(format!(
+                    "refusing to serve {addr} without authentication: anyone who reaches a \
+                     non-loopback address could read and write through this server; give \
+                     --auth-tokens FILE, or --allow-unauthenticated to serve anyone"
+                ));
+            }
+            tracing::warn!(
+                "serving {addr} WITHOUT authentication (--allow-unauthenticated): anyone who \
+                 reaches it may read and write"
+            );
+        }
         eprintln!("blob-access: serving {what} on {addr}");
         server::serve_tcp(storage, cfg, listener, shutdown_signal()).await
     };
