@@ -386,3 +386,53 @@ fn a_malformed_tokens_file_is_a_startup_error_naming_file_and_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read tokens file"));
 }
+
+#[test]
+fn a_non_loopback_address_needs_tokens_or_an_explicit_allow_unauthenticated() {
+    let out = cli(&["serve", "--listen", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refusing to serve 0.0.0.0:")
+            && err.contains("without authentication")
+            && err.contains("--allow-unauthenticated"),
+        "{err}"
+    );
+
+    let serve = Serve::start_on("0.0.0.0:0", None, &["--allow-unauthenticated"]);
+    assert!(
+        serve.log().contains("WITHOUT authentication"),
+        "{}",
+        serve.log()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut anon = rt.block_on(clients(serve.port, None));
+    let (codes, _) = rt.block_on(try_everything(&mut anon, b"anyone"));
+    assert_eq!(codes, all(Code::Ok));
+    drop(serve);
+
+    let token = secret("write");
+    let dir = tempfile::tempdir().unwrap();
+    let file = tokens_file(dir.path(), &format!("write {token}\n"));
+    let serve = Serve::start_on(
+        "0.0.0.0:0",
+        None,
+        &["-vv", "--auth-tokens", file.to_str().unwrap()],
+    );
+    assert!(!serve.log().contains("WITHOUT"), "{}", serve.log());
+    let mut anon = rt.block_on(clients(serve.port, None));
+    assert_eq!(
+        rt.block_on(try_everything(&mut anon, b"anyone")).0,
+        all(Code::Unauthenticated)
+    );
+    let mut w = rt.block_on(clients(serve.port, Some(&token)));
+    assert_eq!(
+        rt.block_on(try_everything(&mut w, b"writer")).0,
+        all(Code::Ok)
+    );
+    assert_no_secret(&serve.log(), &[&token]);
+
+    // Loopback and Unix sockets stay as they were: no tokens needed.
+    let serve = Serve::start(None);
+    assert!(!serve.log().contains("WITHOUT"), "{}", serve.log());
+}

@@ -179,9 +179,15 @@ impl Serve {
     /// As `start`, with more arguments; `--metrics-listen 127.0.0.1:0` sets
     /// `metrics_port` from its line.
     pub fn start_with(config: Option<&Path>, args: &[&str]) -> Serve {
+        Self::start_on("127.0.0.1:0", config, args)
+    }
+
+    /// As `start_with`, listening on `listen` (a port 0 address; clients connect
+    /// to 127.0.0.1 on the port it picked).
+    pub fn start_on(listen: &str, config: Option<&Path>, args: &[&str]) -> Serve {
         use std::io::BufRead;
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        cmd.args(["serve", "--listen", listen]).args(args);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
