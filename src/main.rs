@@ -96,6 +96,10 @@ enum Command {
         /// On SIGINT/SIGTERM, how long running transfers may go on before they are ended.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_grace: std::time::Duration,
+        /// On SIGINT/SIGTERM, first report NOT_SERVING on the grpc.health.v1 service
+        /// and go on serving for this long, so load balancers drain this server.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        drain_delay: std::time::Duration,
         /// Serve action results but refuse uploads of new ones (PERMISSION_DENIED);
         /// the capabilities then tell clients not to upload.
         #[arg(long)]
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
                 listen,
                 metrics_listen,
                 shutdown_grace,
+                drain_delay,
                 action_cache_read_only,
                 auth_tokens,
                 allow_unauthenticated,
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
                     listen,
                     metrics_listen,
                     shutdown_grace,
+                    drain_delay,
                     action_cache_read_only,
                     auth_tokens,
                     allow_unauthenticated,

@@ -47,6 +47,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::Status;
+use tonic_health::ServingStatus;
 
 /// How a server behaves; `ServerConfig::default()` suits most uses.
 #[derive(Clone, Debug)]
@@ -71,6 +72,11 @@ pub struct ServerConfig {
     /// default) serves everyone. Health checks never need one. Checked by
     /// [`serve_tcp`] and [`serve_unix`], not by the bare [`services`].
     pub auth: Option<Auth>,
+    /// After the shutdown signal, how long to go on serving as before while the
+    /// health service already answers NOT_SERVING, so that load balancers stop
+    /// sending new calls before connections are closed. 0 (the default) starts
+    /// closing at once.
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +90,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             action_cache_read_only: false,
             auth: None,
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -159,6 +166,14 @@ impl Shared {
         }
     }
 }
+
+/// The services [`routes`] serves, by their gRPC names (as the health service knows them).
+const SERVICE_NAMES: [&str; 4] = [
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "google.bytestream.ByteStream",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "build.bazel.remote.execution.v2.Capabilities",
+];
 
 fn routes(shared: Shared) -> Routes {
     use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
@@ -240,12 +255,36 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let grace = cfg.shutdown_grace;
+    let (grace, drain_delay) = (cfg.shutdown_grace, cfg.drain_delay);
     let (kill_tx, kill) = watch::channel(false);
     let shared = Shared::new(storage, cfg, kill);
     let (draining_tx, draining) = oneshot::channel::<()>();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
     let signal = async move {
         shutdown.await;
+        // Balancers learn first, while everything still works.
+        for name in SERVICE_NAMES.iter().chain(&[""]) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                ?drain_delay,
+                "shutting down: health is NOT_SERVING, still serving for the drain delay"
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
+        // Ends health Watch streams (after their NOT_SERVING), which would
+        // otherwise hold the server open for the whole grace period.
+        for name in SERVICE_NAMES.iter().chain(&[""]) {
+            health.clear_service_status(name).await;
+        }
         tracing::info!("shutting down: no new connections, running transfers may finish");
         let _ = draining_tx.send(());
     };
@@ -254,7 +293,7 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(auth)
-        .add_routes(routes(shared))
+        .add_routes(routes(shared).add_service(health_service))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let transport = |e: tonic::transport::Error| {
@@ -279,5 +318,28 @@ where
             tracing::warn!("connections still open; returning anyway");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::server::NamedService;
+
+    #[test]
+    fn health_knows_the_services_by_their_grpc_names() {
+        use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
+        use crate::proto::action_cache_server::ActionCacheServer;
+        use crate::proto::capabilities_server::CapabilitiesServer;
+        use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+        assert_eq!(
+            SERVICE_NAMES,
+            [
+                <ContentAddressableStorageServer<cas::Cas> as NamedService>::NAME,
+                <ByteStreamServer<bytestream::ByteStream> as NamedService>::NAME,
+                <ActionCacheServer<action_cache::ActionCacheService> as NamedService>::NAME,
+                <CapabilitiesServer<capabilities::Capabilities> as NamedService>::NAME,
+            ]
+        );
     }
 }

@@ -20,6 +20,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// How long running transfers may go on after a shutdown signal.
     pub shutdown_grace: std::time::Duration,
+    /// How long to go on serving, health NOT_SERVING, after a shutdown signal.
+    pub drain_delay: std::time::Duration,
     /// Refuse action result uploads.
     pub action_cache_read_only: bool,
     /// Tokens file (`read TOKEN` / `write TOKEN` lines), re-read on SIGHUP.
@@ -105,6 +107,7 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
     };
     let cfg = ServerConfig {
         shutdown_grace: opts.shutdown_grace,
+        drain_delay: opts.drain_delay,
         action_cache_read_only: opts.action_cache_read_only,
         auth,
         ..ServerConfig::default()
