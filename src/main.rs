@@ -112,6 +112,15 @@ enum Command {
         /// --auth-tokens): anyone who reaches it may read and write.
         #[arg(long)]
         allow_unauthenticated: bool,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Mutual TLS: require client certificates signed by this CA (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
     },
 }
 
@@ -192,6 +201,9 @@ fn main() -> ExitCode {
                 action_cache_read_only,
                 auth_tokens,
                 allow_unauthenticated,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
@@ -201,6 +213,13 @@ fn main() -> ExitCode {
                     action_cache_read_only,
                     auth_tokens,
                     allow_unauthenticated,
+                    tls: tls_cert
+                        .zip(tls_key)
+                        .map(|(cert, key)| cmd::serve::TlsFiles {
+                            cert,
+                            key,
+                            client_ca: tls_client_ca,
+                        }),
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

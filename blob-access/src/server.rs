@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// sending new calls before connections are closed. 0 (the default) starts
     /// closing at once.
     pub drain_delay: Duration,
+    /// Serve TLS (and, with a client CA root, require client certificates signed
+    /// by it); `None` (the default) serves plain HTTP/2. Its `Debug` shows no key.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +94,7 @@ impl Default for ServerConfig {
             action_cache_read_only: false,
             auth: None,
             drain_delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -289,7 +293,16 @@ where
         let _ = draining_tx.send(());
     };
     let auth = auth::AuthLayer(shared.cfg.auth.clone());
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &shared.cfg.tls {
+        builder = builder.tls_config(tls.clone()).map_err(|e| {
+            Error::invalid_argument(format!(
+                "TLS configuration: {}",
+                crate::error::error_chain(&e)
+            ))
+        })?;
+    }
+    let server = builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(auth)

@@ -28,6 +28,56 @@ pub struct ServeOptions {
     pub auth_tokens: Option<PathBuf>,
     /// Serve a non-loopback address without authentication.
     pub allow_unauthenticated: bool,
+    /// Serve TLS, and with a client CA, mutual TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The server's TLS configuration, checked now (a bad key or certificate
+    /// is a startup error, not a failed handshake later).
+    fn load(&self) -> Result<tonic::transport::ServerTlsConfig, String> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+        };
+        let identity = Identity::from_pem(
+            read("--tls-cert", &self.cert)?,
+            read("--tls-key", &self.key)?,
+        );
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+        }
+        // Parses the certificates and the key; the error says which is wrong,
+        // never what the key is.
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text = format!("{text}: {s}");
+                    source = s.source();
+                }
+                format!(
+                    "TLS with --tls-cert {} --tls-key {}{}: {text}",
+                    self.cert.display(),
+                    self.key.display(),
+                    match &self.client_ca {
+                        Some(ca) => format!(" --tls-client-ca {}", ca.display()),
+                        None => String::new(),
+                    }
+                )
+            })?;
+        Ok(tls)
+    }
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -105,7 +155,18 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         }
         _ => None,
     };
+    let tls = opts.tls.as_ref().map(TlsFiles::load).transpose()?;
+    let what = match &opts.tls {
+        Some(TlsFiles {
+            client_ca: Some(_), ..
+        }) => format!("{what} over mutual TLS"),
+        Some(_) => format!("{what} over TLS"),
+        None => what.to_string(),
+    };
+    // Mutual TLS authenticates every client as well as tokens do.
+    let authenticated = auth.is_some() || opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     let cfg = ServerConfig {
+        tls,
         shutdown_grace: opts.shutdown_grace,
         drain_delay: opts.drain_delay,
         action_cache_read_only: opts.action_cache_read_only,
@@ -121,12 +182,13 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        if !addr.ip().is_loopback() && cfg.auth.is_none() {
+        if !addr.ip().is_loopback() && !authenticated {
             if !opts.allow_unauthenticated {
                 return Err(format!(
                     "refusing to serve {addr} without authentication: anyone who reaches a \
                      non-loopback address could read and write through this server; give \
-                     --auth-tokens FILE, or --allow-unauthenticated to serve anyone"
+                     --auth-tokens FILE or --tls-client-ca FILE (mutual TLS), or \
+                     --allow-unauthenticated to serve anyone"
                 ));
             }
             tracing::warn!(
