@@ -33,10 +33,20 @@ fn digest_of(data: &[u8]) -> Digest {
     }
 }
 
-type Authed = InterceptedService<
-    Channel,
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
->;
+/// Adds `authorization: Bearer TOKEN` to every call (nothing without a token).
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
 
 /// The four clients on one channel, each call carrying `token` (if any).
 struct Clients {
@@ -52,20 +62,8 @@ async fn clients(port: u16, token: Option<&str>) -> Clients {
         .connect()
         .await
         .unwrap();
-    let header: Option<tonic::metadata::MetadataValue<_>> =
-        token.map(|t| format!("Bearer {t}").parse().unwrap());
-    let svc = || {
-        let header = header.clone();
-        let f: Box<
-            dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-        > = Box::new(move |mut r: tonic::Request<()>| {
-            if let Some(h) = &header {
-                r.metadata_mut().insert("authorization", h.clone());
-            }
-            Ok(r)
-        });
-        InterceptedService::new(channel.clone(), f)
-    };
+    let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+    let svc = || InterceptedService::new(channel.clone(), bearer.clone());
     Clients {
         cas: ContentAddressableStorageClient::new(svc()),
         bs: ByteStreamClient::new(svc()),
