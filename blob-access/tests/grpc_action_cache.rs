@@ -35,6 +35,8 @@ fn grpc_config(url: &str, instance_name: &str) -> GrpcConfig {
         instance_name: instance_name.into(),
         headers: Default::default(),
         ca_file: None,
+        tls_client_cert: None,
+        tls_client_key: None,
         connect_timeout: Duration::from_secs(2),
         keepalive_interval: None,
         keepalive_timeout: None,

@@ -43,6 +43,8 @@ fn grpc_config(endpoint: &str) -> GrpcConfig {
         instance_name: String::new(),
         headers: Headers::default(),
         ca_file: None,
+        tls_client_cert: None,
+        tls_client_key: None,
         connect_timeout: ConfigDuration::from_secs(2),
         keepalive_interval: None,
         keepalive_timeout: None,

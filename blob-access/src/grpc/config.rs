@@ -26,6 +26,13 @@ pub struct GrpcConfig {
     /// PEM file of an extra CA to trust for `grpcs://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// PEM certificate presented to a `grpcs://` server that requires client
+    /// certificates (mutual TLS); needs `tls_client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_cert: Option<String>,
+    /// PEM private key of `tls_client_cert`. Never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_key: Option<String>,
     /// How long to wait for a connection. Default 10s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,

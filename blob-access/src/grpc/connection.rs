@@ -328,12 +328,34 @@ fn channel(name: &str, cfg: &GrpcConfig) -> Result<Channel> {
     if let Some(t) = cfg.keepalive_timeout {
         ep = ep.keep_alive_timeout(t.get());
     }
+    if !tls && (cfg.tls_client_cert.is_some() || cfg.tls_client_key.is_some()) {
+        return Err(config_error(
+            name,
+            "tls_client_cert",
+            "needs a grpcs:// endpoint",
+        ));
+    }
     if tls {
         let mut tls_cfg = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| config_error(name, "ca_file", format!("{ca}: {e}")))?;
             tls_cfg = tls_cfg.ca_certificate(Certificate::from_pem(pem));
+        }
+        match (&cfg.tls_client_cert, &cfg.tls_client_key) {
+            (Some(cert), Some(key)) => {
+                let read = |field: &str, path: &str| {
+                    std::fs::read(path)
+                        .map_err(|e| config_error(name, field, format!("{path}: {e}")))
+                };
+                tls_cfg = tls_cfg.identity(tonic::transport::Identity::from_pem(
+                    read("tls_client_cert", cert)?,
+                    read("tls_client_key", key)?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(config_error(name, "tls_client_key", "is missing")),
+            (None, Some(_)) => return Err(config_error(name, "tls_client_cert", "is missing")),
         }
         ep = ep
             .tls_config(tls_cfg)
