@@ -233,9 +233,44 @@ fn mutual_tls_refuses_clients_without_a_certificate_from_its_ca() {
             "foreign certificate: {err}"
         );
     });
+    // What a user does: the CLI's grpc node with its own client certificate.
+    let config = |name: &str, identity: Option<&Pki>| {
+        let mut text = format!(
+            "grpc:\n  endpoint: grpcs://127.0.0.1:{}\n  instance_name: \"\"\n  ca_file: {}\n",
+            serve.port,
+            ours.ca.display()
+        );
+        if let Some(p) = identity {
+            text += &format!(
+                "  tls_client_cert: {}\n  tls_client_key: {}\n",
+                p.client_cert.display(),
+                p.client_key.display()
+            );
+        }
+        write(dir.path(), name, &text)
+    };
+    let blob = random_file(dir.path(), 1 << 20);
+    let with_cert = config("with-cert.yaml", Some(&ours));
+    let digest = put_cli(&with_cert, &blob);
+    let out = dir.path().join("out");
+    get_cli(&with_cert, &digest, &out);
+    assert!(files_equal(&blob, &out));
+    for (name, identity) in [("no-cert.yaml", None), ("foreign.yaml", Some(&theirs))] {
+        let cfg = config(name, identity);
+        let failed = cli(&["get", "--config", cfg.to_str().unwrap(), &digest]);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(!failed.status.success(), "{name}: {err}");
+        assert!(!err.contains(&key_material(&theirs.client_key)), "{err}");
+    }
+
     let log = serve.log();
-    assert!(log.contains("tls accept error"), "{log}");
+    assert!(log.contains("peer sent no certificates"), "{log}");
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
     for key in [&ours.server_key, &ours.client_key, &theirs.client_key] {
+        // Keys are read by path; their contents never appear.
         assert!(!log.contains(&key_material(key)), "{log}");
     }
 }
