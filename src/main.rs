@@ -112,7 +112,7 @@ enum Command {
         /// --auth-tokens): anyone who reaches it may read and write.
         #[arg(long)]
         allow_unauthenticated: bool,
-        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key. Re-read on SIGHUP.
         #[arg(long, value_name = "FILE", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
         /// The private key (PEM) of --tls-cert.

@@ -33,6 +33,7 @@ mod capabilities;
 mod cas;
 mod get_tree;
 mod rechunk;
+mod tls;
 mod upload;
 mod zstd_stream;
 
@@ -43,6 +44,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tls::ServerTls;
 use tokio::sync::{oneshot, watch};
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpIncoming};
@@ -77,9 +79,10 @@ pub struct ServerConfig {
     /// sending new calls before connections are closed. 0 (the default) starts
     /// closing at once.
     pub drain_delay: Duration,
-    /// Serve TLS (and, with a client CA root, require client certificates signed
-    /// by it); `None` (the default) serves plain HTTP/2. Its `Debug` shows no key.
-    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Serve TLS (and, with a client CA, require client certificates signed by
+    /// it) on [`serve_tcp`]; `None` (the default) serves plain HTTP/2.
+    /// [`ServerTls::reload`] replaces the certificates while serving.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -210,8 +213,16 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve_incoming(storage.into(), cfg, incoming, shutdown).await
+    match cfg.tls.clone() {
+        Some(tls) => {
+            let incoming = tls::incoming(listener, tls);
+            serve_incoming(storage.into(), cfg, incoming, shutdown).await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            serve_incoming(storage.into(), cfg, incoming, shutdown).await
+        }
+    }
 }
 
 /// Like [`serve_tcp`], on a Unix domain socket created at `path`. A stale socket
@@ -223,6 +234,11 @@ pub async fn serve_unix(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let path = path.as_ref();
+    if cfg.tls.is_some() {
+        return Err(Error::invalid_argument(
+            "TLS is served on TCP listeners only; a Unix socket is reached only on its machine",
+        ));
+    }
     let listener = bind_unix(path).await?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = serve_incoming(storage.into(), cfg, incoming, shutdown).await;
@@ -293,16 +309,7 @@ where
         let _ = draining_tx.send(());
     };
     let auth = auth::AuthLayer(shared.cfg.auth.clone());
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &shared.cfg.tls {
-        builder = builder.tls_config(tls.clone()).map_err(|e| {
-            Error::invalid_argument(format!(
-                "TLS configuration: {}",
-                crate::error::error_chain(&e)
-            ))
-        })?;
-    }
-    let server = builder
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(auth)

@@ -3,7 +3,7 @@
 //! logging) without a code change.
 
 use blob_access::metrics::{CallMetrics, NodeCounters};
-use blob_access::server::{self, Auth, ServerConfig, Tokens};
+use blob_access::server::{self, Auth, ServerConfig, ServerTls, Tokens};
 use blob_access::BuildContext;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,47 +37,6 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// The server's TLS configuration, checked now (a bad key or certificate
-    /// is a startup error, not a failed handshake later).
-    fn load(&self) -> Result<tonic::transport::ServerTlsConfig, String> {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let read = |flag: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
-        };
-        let identity = Identity::from_pem(
-            read("--tls-cert", &self.cert)?,
-            read("--tls-key", &self.key)?,
-        );
-        let mut tls = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
-        }
-        // Parses the certificates and the key; the error says which is wrong,
-        // never what the key is.
-        tonic::transport::Server::builder()
-            .tls_config(tls.clone())
-            .map_err(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text = format!("{text}: {s}");
-                    source = s.source();
-                }
-                format!(
-                    "TLS with --tls-cert {} --tls-key {}{}: {text}",
-                    self.cert.display(),
-                    self.key.display(),
-                    match &self.client_ca {
-                        Some(ca) => format!(" --tls-client-ca {}", ca.display()),
-                        None => String::new(),
-                    }
-                )
-            })?;
-        Ok(tls)
-    }
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -144,18 +103,12 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         }
         None => None,
     };
-    // Dropped (and so stopped) when serving ends.
-    let _reload = match (&auth, &opts.auth_tokens) {
-        (Some(auth), Some(path)) => {
-            // Installed before serving starts: a SIGHUP would otherwise end the process.
-            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
-            let task = tokio::spawn(reload_on_sighup(hup, auth.clone(), path.clone()));
-            Some(AbortOnDrop(task))
-        }
-        _ => None,
+    let tls = match &opts.tls {
+        Some(f) => Some(
+            ServerTls::load(&f.cert, &f.key, f.client_ca.as_deref()).map_err(|e| e.to_string())?,
+        ),
+        None => None,
     };
-    let tls = opts.tls.as_ref().map(TlsFiles::load).transpose()?;
     let what = match &opts.tls {
         Some(TlsFiles {
             client_ca: Some(_), ..
@@ -164,7 +117,24 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         None => what.to_string(),
     };
     // Mutual TLS authenticates every client as well as tokens do.
-    let authenticated = auth.is_some() || opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let authenticated = auth.is_some()
+        || tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certificates);
+    if tls.is_some() && listen.starts_with("unix:") {
+        return Err("--tls-cert is for TCP addresses, not unix: sockets".into());
+    }
+    // Dropped (and so stopped) when serving ends.
+    let _reload = if auth.is_some() || tls.is_some() {
+        // Installed before serving starts: a SIGHUP would otherwise end the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        let tokens = auth.clone().zip(opts.auth_tokens.clone());
+        let task = tokio::spawn(reload_on_sighup(hup, tokens, tls.clone()));
+        Some(AbortOnDrop(task))
+    } else {
+        None
+    };
     let cfg = ServerConfig {
         tls,
         shutdown_grace: opts.shutdown_grace,
@@ -211,22 +181,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Re-reads the tokens file on every SIGHUP; a file that does not parse keeps
-/// the tokens in force.
-async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, auth: Auth, path: PathBuf) {
+/// Re-reads the tokens file and the TLS files on every SIGHUP; a file that
+/// cannot be used keeps what is in force, with an error in the log.
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    tokens: Option<(Auth, PathBuf)>,
+    tls: Option<ServerTls>,
+) {
     while hup.recv().await.is_some() {
-        match Tokens::load(&path) {
-            Ok(tokens) => {
-                eprintln!(
-                    "blob-access: SIGHUP: {} tokens ({} may write) from {}",
-                    tokens.len(),
-                    tokens.writers(),
-                    path.display()
-                );
-                auth.replace(tokens);
+        if let Some((auth, path)) = &tokens {
+            match Tokens::load(path) {
+                Ok(t) => {
+                    eprintln!(
+                        "blob-access: SIGHUP: {} tokens ({} may write) from {}",
+                        t.len(),
+                        t.writers(),
+                        path.display()
+                    );
+                    auth.replace(t);
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the previous tokens: {e}"),
             }
-            Err(e) => {
-                tracing::error!("SIGHUP: keeping the previous tokens: {e}");
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => eprintln!("blob-access: SIGHUP: TLS certificates re-read"),
+                Err(e) => tracing::error!("SIGHUP: keeping the previous TLS certificates: {e}"),
             }
         }
     }
