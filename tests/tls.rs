@@ -301,3 +301,48 @@ fn a_bad_certificate_or_key_is_a_startup_error() {
     ]);
     assert_eq!(out.status.code(), Some(2), "--tls-cert needs --tls-key");
 }
+
+/// Certificate rotation without a restart: SIGHUP re-reads the files; a bad
+/// file keeps the certificate in force. A client that connects and never
+/// starts its handshake holds up nobody.
+#[test]
+fn sighup_rereads_the_certificate_and_a_silent_client_blocks_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (pki(dir.path(), "old"), pki(dir.path(), "new"));
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&old.server_cert, &cert).unwrap();
+    std::fs::copy(&old.server_key, &key).unwrap();
+    let serve = Serve::start_with(
+        None,
+        &[
+            "-vv",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Connected, silent, for the whole test.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    assert_eq!(rt.block_on(call(serve.port, &old.ca, None, None)), Ok(()));
+
+    std::fs::copy(&new.server_cert, &cert).unwrap();
+    std::fs::copy(&new.server_key, &key).unwrap();
+    serve.signal("HUP");
+    serve.wait_for_log("SIGHUP: TLS certificates re-read");
+    assert_eq!(rt.block_on(call(serve.port, &new.ca, None, None)), Ok(()));
+    let err = rt
+        .block_on(call(serve.port, &old.ca, None, None))
+        .unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    std::fs::write(&key, "not a key\n").unwrap();
+    serve.signal("HUP");
+    serve.wait_for_log("keeping the previous TLS certificates");
+    assert_eq!(rt.block_on(call(serve.port, &new.ca, None, None)), Ok(()));
+    let log = serve.log();
+    for k in [&old.server_key, &new.server_key] {
+        assert!(!log.contains(&key_material(k)), "{log}");
+    }
+}
