@@ -46,7 +46,7 @@ fn health_is_serving_without_a_token_and_not_serving_from_the_first_moment_of_a_
             "--auth-tokens",
             tokens.to_str().unwrap(),
             "--drain-delay",
-            "3s",
+            "5s",
         ],
     );
     let port = serve.port;
@@ -96,7 +96,7 @@ fn health_is_serving_without_a_token_and_not_serving_from_the_first_moment_of_a_
         assert_eq!(check(port, "").await, Ok(ServingStatus::NotServing));
         assert_eq!(check(port, CAS).await, Ok(ServingStatus::NotServing));
         assert_eq!(find_missing(cas.clone()).await, Ok(()));
-        assert!(signalled.elapsed() < Duration::from_secs(3));
+        assert!(signalled.elapsed() < Duration::from_secs(5));
         // Then the watch ends rather than holding the server for its grace period.
         let end = tokio::time::timeout(Duration::from_secs(10), watch.message())
             .await

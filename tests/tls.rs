@@ -193,6 +193,13 @@ fn tls_serves_clients_trusting_its_ca_and_fails_others() {
     assert!(!log.contains(&key_material(&ours.server_key)), "{log}");
 }
 
+/// A call that failed on its connection, not with an answer of the service.
+fn refused(err: &str) -> bool {
+    ["transport error", "Cancelled", "Unavailable", "connection"]
+        .iter()
+        .any(|w| err.contains(w))
+}
+
 #[test]
 fn mutual_tls_refuses_clients_without_a_certificate_from_its_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -222,8 +229,9 @@ fn mutual_tls_refuses_clients_without_a_certificate_from_its_ca() {
         let ours_id = Some((ours.client_cert.as_path(), ours.client_key.as_path()));
         assert_eq!(call(serve.port, &ours.ca, ours_id, None).await, Ok(()));
         let err = call(serve.port, &ours.ca, None, None).await.unwrap_err();
-        // TLS 1.3: the server's refusal reaches the client with its first call.
-        assert!(err.contains("transport error"), "no certificate: {err}");
+        // TLS 1.3: the server's refusal reaches the client with its first call,
+        // as a broken connection (how it is worded depends on timing).
+        assert!(refused(&err), "no certificate: {err}");
         let theirs_id = Some((theirs.client_cert.as_path(), theirs.client_key.as_path()));
         let err = call(serve.port, &ours.ca, theirs_id, None)
             .await
