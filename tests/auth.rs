@@ -434,3 +434,50 @@ fn a_non_loopback_address_needs_tokens_or_an_explicit_allow_unauthenticated() {
     let serve = Serve::start(None);
     assert!(!serve.log().contains("WITHOUT"), "{}", serve.log());
 }
+
+/// At the most verbose logging (every HTTP/2 frame, every library's traces),
+/// neither serve nor the CLI prints a token.
+#[test]
+fn no_token_at_rust_log_trace() {
+    let (reader, writer, wrong) = (secret("read"), secret("write"), secret("wrong"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = tokens_file(dir.path(), &format!("read {reader}\nwrite {writer}\n"));
+    let trace = [("RUST_LOG", "trace")];
+    let serve = Serve::start_env(
+        "127.0.0.1:0",
+        None,
+        &["--auth-tokens", file.to_str().unwrap()],
+        &trace,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (i, token) in [&reader, &writer, &wrong].into_iter().enumerate() {
+        let mut c = rt.block_on(clients(serve.port, Some(token)));
+        rt.block_on(try_everything(&mut c, format!("blob {i}").as_bytes()));
+    }
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "grpc:\n  endpoint: grpc://127.0.0.1:{}\n  instance_name: \"\"\n  headers:\n    authorization: {{env: TOKEN}}\n",
+            serve.port
+        ),
+    )
+    .unwrap();
+    let blob = random_file(dir.path(), 5000);
+    let bearer = format!("Bearer {writer}");
+    let out = std::process::Command::new(bin())
+        .args([
+            "put",
+            "--config",
+            config.to_str().unwrap(),
+            blob.to_str().unwrap(),
+        ])
+        .envs([("RUST_LOG", "trace"), ("TOKEN", bearer.as_str())])
+        .output()
+        .unwrap();
+    let cli_log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cli_log}");
+    let log = serve.log();
+    assert!(log.contains("TRACE"), "not at trace level");
+    assert_no_secret(&format!("{log}{cli_log}"), &[&reader, &writer, &wrong]);
+}

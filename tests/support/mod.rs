@@ -185,9 +185,21 @@ impl Serve {
     /// As `start_with`, listening on `listen` (a port 0 address; clients connect
     /// to 127.0.0.1 on the port it picked).
     pub fn start_on(listen: &str, config: Option<&Path>, args: &[&str]) -> Serve {
+        Self::start_env(listen, config, args, &[])
+    }
+
+    /// As `start_on`, with environment variables (e.g. `RUST_LOG`).
+    pub fn start_env(
+        listen: &str,
+        config: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
         use std::io::BufRead;
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", listen]).args(args);
+        cmd.args(["serve", "--listen", listen])
+            .args(args)
+            .envs(env.iter().copied());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
