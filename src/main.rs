@@ -96,10 +96,31 @@ enum Command {
         /// On SIGINT/SIGTERM, how long running transfers may go on before they are ended.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_grace: std::time::Duration,
+        /// On SIGINT/SIGTERM, first report NOT_SERVING on the grpc.health.v1 service
+        /// and go on serving for this long, so load balancers drain this server.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        drain_delay: std::time::Duration,
         /// Serve action results but refuse uploads of new ones (PERMISSION_DENIED);
         /// the capabilities then tell clients not to upload.
         #[arg(long)]
         action_cache_read_only: bool,
+        /// Require `authorization: Bearer TOKEN` on every call but health checks:
+        /// FILE has one `read TOKEN` or `write TOKEN` a line (`#` comments); re-read on SIGHUP.
+        #[arg(long, value_name = "FILE")]
+        auth_tokens: Option<PathBuf>,
+        /// Serve a non-loopback TCP address without any authentication (no
+        /// --auth-tokens): anyone who reaches it may read and write.
+        #[arg(long)]
+        allow_unauthenticated: bool,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key. Re-read on SIGHUP.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Mutual TLS: require client certificates signed by this CA (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
     },
 }
 
@@ -176,13 +197,29 @@ fn main() -> ExitCode {
                 listen,
                 metrics_listen,
                 shutdown_grace,
+                drain_delay,
                 action_cache_read_only,
+                auth_tokens,
+                allow_unauthenticated,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
                     metrics_listen,
                     shutdown_grace,
+                    drain_delay,
                     action_cache_read_only,
+                    auth_tokens,
+                    allow_unauthenticated,
+                    tls: tls_cert
+                        .zip(tls_key)
+                        .map(|(cert, key)| cmd::serve::TlsFiles {
+                            cert,
+                            key,
+                            client_ca: tls_client_ca,
+                        }),
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

@@ -6,7 +6,7 @@
 mod config;
 mod connection;
 
-pub use config::{Compression, GrpcConfig, Headers};
+pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
 pub use connection::{Capabilities, GrpcConnection};
 
 use crate::bytestream_proto::{ReadRequest, WriteRequest};

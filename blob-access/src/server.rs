@@ -27,24 +27,29 @@
 //! ```
 
 mod action_cache;
+mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
 mod get_tree;
 mod rechunk;
+mod tls;
 mod upload;
 mod zstd_stream;
 
 pub use crate::Storage;
 use crate::{ActionCache, BlobAccess, Error, Result};
+pub use auth::{Auth, Permission, Tokens};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tls::ServerTls;
 use tokio::sync::{oneshot, watch};
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::Status;
+use tonic_health::ServingStatus;
 
 /// How a server behaves; `ServerConfig::default()` suits most uses.
 #[derive(Clone, Debug)]
@@ -67,6 +72,19 @@ pub struct ServerConfig {
     /// Refuse UpdateActionResult (PERMISSION_DENIED) and advertise updates as
     /// disabled: clients read results others wrote, and upload none.
     pub action_cache_read_only: bool,
+    /// Bearer tokens every caller must present (see [`Tokens`]); `None` (the
+    /// default) serves everyone. Health checks never need one. Checked by
+    /// [`serve_tcp`] and [`serve_unix`], not by the bare [`services`].
+    pub auth: Option<Auth>,
+    /// After the shutdown signal, how long to go on serving as before while the
+    /// health service already answers NOT_SERVING, so that load balancers stop
+    /// sending new calls before connections are closed. 0 (the default) starts
+    /// closing at once.
+    pub drain_delay: Duration,
+    /// Serve TLS (and, with a client CA, require client certificates signed by
+    /// it) on [`serve_tcp`]; `None` (the default) serves plain HTTP/2.
+    /// [`ServerTls::reload`] replaces the certificates while serving.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +98,9 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_tree_directories_per_call: 100_000,
             action_cache_read_only: false,
+            auth: None,
+            drain_delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -156,6 +177,14 @@ impl Shared {
     }
 }
 
+/// The services [`routes`] serves, by their gRPC names (as the health service knows them).
+const SERVICE_NAMES: [&str; 4] = [
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "google.bytestream.ByteStream",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "build.bazel.remote.execution.v2.Capabilities",
+];
+
 fn routes(shared: Shared) -> Routes {
     use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
     use crate::proto::action_cache_server::ActionCacheServer;
@@ -187,8 +216,16 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve_incoming(storage.into(), cfg, incoming, shutdown).await
+    match cfg.tls.clone() {
+        Some(tls) => {
+            let incoming = tls::incoming(listener, tls);
+            serve_incoming(storage.into(), cfg, incoming, shutdown).await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            serve_incoming(storage.into(), cfg, incoming, shutdown).await
+        }
+    }
 }
 
 /// Like [`serve_tcp`], on a Unix domain socket created at `path`. A stale socket
@@ -200,6 +237,11 @@ pub async fn serve_unix(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let path = path.as_ref();
+    if cfg.tls.is_some() {
+        return Err(Error::invalid_argument(
+            "TLS is served on TCP listeners only; a Unix socket is reached only on its machine",
+        ));
+    }
     let listener = bind_unix(path).await?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = serve_incoming(storage.into(), cfg, incoming, shutdown).await;
@@ -236,19 +278,45 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let grace = cfg.shutdown_grace;
+    let (grace, drain_delay) = (cfg.shutdown_grace, cfg.drain_delay);
     let (kill_tx, kill) = watch::channel(false);
     let shared = Shared::new(storage, cfg, kill);
     let (draining_tx, draining) = oneshot::channel::<()>();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
     let signal = async move {
         shutdown.await;
+        // Balancers learn first, while everything still works.
+        for name in SERVICE_NAMES.iter().chain(&[""]) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                ?drain_delay,
+                "shutting down: health is NOT_SERVING, still serving for the drain delay"
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
+        // Ends health Watch streams (after their NOT_SERVING), which would
+        // otherwise hold the server open for the whole grace period.
+        for name in SERVICE_NAMES.iter().chain(&[""]) {
+            health.clear_service_status(name).await;
+        }
         tracing::info!("shutting down: no new connections, running transfers may finish");
         let _ = draining_tx.send(());
     };
+    let auth = auth::AuthLayer(shared.cfg.auth.clone());
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .add_routes(routes(shared))
+        .layer(auth)
+        .add_routes(routes(shared).add_service(health_service))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let transport = |e: tonic::transport::Error| {
@@ -273,5 +341,28 @@ where
             tracing::warn!("connections still open; returning anyway");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::server::NamedService;
+
+    #[test]
+    fn health_knows_the_services_by_their_grpc_names() {
+        use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
+        use crate::proto::action_cache_server::ActionCacheServer;
+        use crate::proto::capabilities_server::CapabilitiesServer;
+        use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+        assert_eq!(
+            SERVICE_NAMES,
+            [
+                <ContentAddressableStorageServer<cas::Cas> as NamedService>::NAME,
+                <ByteStreamServer<bytestream::ByteStream> as NamedService>::NAME,
+                <ActionCacheServer<action_cache::ActionCacheService> as NamedService>::NAME,
+                <CapabilitiesServer<capabilities::Capabilities> as NamedService>::NAME,
+            ]
+        );
     }
 }

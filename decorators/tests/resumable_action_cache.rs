@@ -514,7 +514,7 @@ async fn headers_and_the_instance_name_reach_the_remote_on_every_attempt() {
     cfg.instance_name = "ci/main".into();
     cfg.headers = Headers(BTreeMap::from([(
         "authorization".to_string(),
-        "Bearer t0k3n".to_string(),
+        "Bearer t0k3n".into(),
     )]));
     let ac = resumable(&cfg, policy(5));
     let a = Digest::of(b"Action");

@@ -3,9 +3,9 @@
 //! logging) without a code change.
 
 use blob_access::metrics::{CallMetrics, NodeCounters};
-use blob_access::server::{self, ServerConfig};
+use blob_access::server::{self, Auth, ServerConfig, ServerTls, Tokens};
 use blob_access::BuildContext;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -20,8 +20,23 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// How long running transfers may go on after a shutdown signal.
     pub shutdown_grace: std::time::Duration,
+    /// How long to go on serving, health NOT_SERVING, after a shutdown signal.
+    pub drain_delay: std::time::Duration,
     /// Refuse action result uploads.
     pub action_cache_read_only: bool,
+    /// Tokens file (`read TOKEN` / `write TOKEN` lines), re-read on SIGHUP.
+    pub auth_tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without authentication.
+    pub allow_unauthenticated: bool,
+    /// Serve TLS, and with a client CA, mutual TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode, String> {
@@ -75,9 +90,57 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         }
         None => None,
     };
+    let auth = match &opts.auth_tokens {
+        Some(path) => {
+            let tokens = Tokens::load(path).map_err(|e| e.to_string())?;
+            eprintln!(
+                "blob-access: {} tokens ({} may write) from {}",
+                tokens.len(),
+                tokens.writers(),
+                path.display()
+            );
+            Some(Auth::new(tokens))
+        }
+        None => None,
+    };
+    let tls = match &opts.tls {
+        Some(f) => Some(
+            ServerTls::load(&f.cert, &f.key, f.client_ca.as_deref()).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let what = match &opts.tls {
+        Some(TlsFiles {
+            client_ca: Some(_), ..
+        }) => format!("{what} over mutual TLS"),
+        Some(_) => format!("{what} over TLS"),
+        None => what.to_string(),
+    };
+    // Mutual TLS authenticates every client as well as tokens do.
+    let authenticated = auth.is_some()
+        || tls
+            .as_ref()
+            .is_some_and(ServerTls::requires_client_certificates);
+    if tls.is_some() && listen.starts_with("unix:") {
+        return Err("--tls-cert is for TCP addresses, not unix: sockets".into());
+    }
+    // Dropped (and so stopped) when serving ends.
+    let _reload = if auth.is_some() || tls.is_some() {
+        // Installed before serving starts: a SIGHUP would otherwise end the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        let tokens = auth.clone().zip(opts.auth_tokens.clone());
+        let task = tokio::spawn(reload_on_sighup(hup, tokens, tls.clone()));
+        Some(AbortOnDrop(task))
+    } else {
+        None
+    };
     let cfg = ServerConfig {
+        tls,
         shutdown_grace: opts.shutdown_grace,
+        drain_delay: opts.drain_delay,
         action_cache_read_only: opts.action_cache_read_only,
+        auth,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
@@ -89,6 +152,20 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        if !addr.ip().is_loopback() && !authenticated {
+            if !opts.allow_unauthenticated {
+                return Err(format!(
+                    "refusing to serve {addr} without authentication: anyone who reaches a \
+                     non-loopback address could read and write through this server; give \
+                     --auth-tokens FILE or --tls-client-ca FILE (mutual TLS), or \
+                     --allow-unauthenticated to serve anyone"
+                ));
+            }
+            tracing::warn!(
+                "serving {addr} WITHOUT authentication (--allow-unauthenticated): anyone who \
+                 reaches it may read and write"
+            );
+        }
         eprintln!("blob-access: serving {what} on {addr}");
         server::serve_tcp(storage, cfg, listener, shutdown_signal()).await
     };
@@ -101,6 +178,37 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Re-reads the tokens file and the TLS files on every SIGHUP; a file that
+/// cannot be used keeps what is in force, with an error in the log.
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    tokens: Option<(Auth, PathBuf)>,
+    tls: Option<ServerTls>,
+) {
+    while hup.recv().await.is_some() {
+        if let Some((auth, path)) = &tokens {
+            match Tokens::load(path) {
+                Ok(t) => {
+                    eprintln!(
+                        "blob-access: SIGHUP: {} tokens ({} may write) from {}",
+                        t.len(),
+                        t.writers(),
+                        path.display()
+                    );
+                    auth.replace(t);
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the previous tokens: {e}"),
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => eprintln!("blob-access: SIGHUP: TLS certificates re-read"),
+                Err(e) => tracing::error!("SIGHUP: keeping the previous TLS certificates: {e}"),
+            }
+        }
     }
 }
 

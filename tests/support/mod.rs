@@ -164,6 +164,8 @@ pub struct Serve {
     child: Child,
     pub port: u16,
     pub metrics_port: Option<u16>,
+    /// Everything it wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Serve {
@@ -177,9 +179,27 @@ impl Serve {
     /// As `start`, with more arguments; `--metrics-listen 127.0.0.1:0` sets
     /// `metrics_port` from its line.
     pub fn start_with(config: Option<&Path>, args: &[&str]) -> Serve {
+        Self::start_on("127.0.0.1:0", config, args)
+    }
+
+    /// As `start_with`, listening on `listen` (a port 0 address; clients connect
+    /// to 127.0.0.1 on the port it picked).
+    pub fn start_on(listen: &str, config: Option<&Path>, args: &[&str]) -> Serve {
+        Self::start_env(listen, config, args, &[])
+    }
+
+    /// As `start_on`, with environment variables (e.g. `RUST_LOG`).
+    pub fn start_env(
+        listen: &str,
+        config: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
         use std::io::BufRead;
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        cmd.args(["serve", "--listen", listen])
+            .args(args)
+            .envs(env.iter().copied());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -194,10 +214,18 @@ impl Serve {
             addr.rsplit(':').next()?.trim().parse().ok()
         };
         let mut metrics_port = None;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let keep = log.clone();
+        let record = move |l: &String| {
+            eprintln!("{l}");
+            let mut log = keep.lock().unwrap();
+            log.push_str(l);
+            log.push('\n');
+        };
         let port = lines
             .by_ref()
             .map_while(Result::ok)
-            .inspect(|l| eprintln!("{l}"))
+            .inspect(&record)
             .inspect(|l| metrics_port = metrics_port.or(port_in(l, "metrics on http://")))
             .find_map(|l| {
                 let what = l.strip_prefix("blob-access: serving ")?;
@@ -206,13 +234,43 @@ impl Serve {
             })
             .expect("serve exited before listening");
         // Keep forwarding its log, or it would block on a full pipe.
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| record(&l)));
         wait_for_port(port);
         Serve {
             child,
             port,
             metrics_port,
+            log,
         }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits up to 30 s for a log line containing `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains(text) {
+            assert!(Instant::now() < deadline, "serve never logged {text:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends it a signal (`"HUP"`, `"TERM"`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
     }
 }
 

@@ -18,12 +18,21 @@ pub struct GrpcConfig {
     #[serde(default)]
     pub instance_name: String,
     /// Extra request headers sent with every call, e.g. `authorization: "Bearer ..."`.
-    /// Their values are never logged.
+    /// A value may instead come from the environment (`{env: NAME}`) or a file
+    /// (`{file: PATH}`, trailing newline trimmed, re-read when it changes), which
+    /// keeps credentials out of config files. Values are never logged.
     #[serde(default, skip_serializing_if = "Headers::is_empty")]
     pub headers: Headers,
     /// PEM file of an extra CA to trust for `grpcs://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// PEM certificate presented to a `grpcs://` server that requires client
+    /// certificates (mutual TLS); needs `tls_client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_cert: Option<String>,
+    /// PEM private key of `tls_client_cert`. Never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_key: Option<String>,
     /// How long to wait for a connection. Default 10s.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,
@@ -71,12 +80,62 @@ pub enum Compression {
     Zstd,
 }
 
-/// Request headers; `Debug` shows names only, so credentials never reach a log.
+/// Request headers; `Debug` shows names and where values come from (a literal as
+/// `<redacted>`), never a value, so credentials never reach a log.
 #[derive(
     Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
 )]
 #[serde(transparent)]
-pub struct Headers(pub BTreeMap<String, String>);
+pub struct Headers(pub BTreeMap<String, HeaderValue>);
+
+/// A header value: a literal string, `{env: NAME}` or `{file: PATH}`.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    /// The value itself (a credential then sits in the config file).
+    Literal(String),
+    /// The value of an environment variable, read when the tree is built.
+    Env(FromEnv),
+    /// The contents of a file, trailing newline trimmed; re-read when the file changes.
+    File(FromFile),
+}
+
+/// `{env: NAME}`: a header value from the environment variable NAME.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FromEnv {
+    pub env: String,
+}
+
+/// `{file: PATH}`: a header value from a file (e.g. a mounted secret).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FromFile {
+    pub file: String,
+}
+
+impl From<String> for HeaderValue {
+    fn from(value: String) -> Self {
+        HeaderValue::Literal(value)
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(value: &str) -> Self {
+        HeaderValue::Literal(value.to_string())
+    }
+}
+
+/// Where a value comes from, never the value.
+impl fmt::Debug for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderValue::Literal(_) => f.write_str("<redacted>"),
+            HeaderValue::Env(e) => write!(f, "{{env: {:?}}}", e.env),
+            HeaderValue::File(p) => write!(f, "{{file: {:?}}}", p.file),
+        }
+    }
+}
 
 impl Headers {
     pub fn is_empty(&self) -> bool {
@@ -86,9 +145,7 @@ impl Headers {
 
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.keys().map(|k| (k, "<redacted>")))
-            .finish()
+        f.debug_map().entries(self.0.iter()).finish()
     }
 }
 
@@ -103,5 +160,34 @@ impl BuildNode for GrpcConfig {
     fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
         let conn = super::GrpcConnection::new(ctx.path(), self)?;
         Ok(Arc::new(GrpcActionCache::new(conn)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_parse_and_never_show_in_debug() {
+        let json = r#"{"endpoint": "grpc://x:1", "headers": {"a": "Bearer lit3ral",
+            "b": {"env": "TOKEN_VAR"}, "c": {"file": "/run/secrets/tok"}}}"#;
+        let cfg: GrpcConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg.headers.0["a"], HeaderValue::from("Bearer lit3ral"));
+        assert_eq!(
+            cfg.headers.0["b"],
+            HeaderValue::Env(FromEnv {
+                env: "TOKEN_VAR".into()
+            })
+        );
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("lit3ral"), "{debug}");
+        assert!(
+            debug.contains("TOKEN_VAR") && debug.contains("/run/secrets/tok"),
+            "{debug}"
+        );
+        assert!(serde_json::from_str::<GrpcConfig>(
+            r#"{"endpoint": "grpc://x:1", "headers": {"a": {"env": "X", "file": "Y"}}}"#
+        )
+        .is_err());
     }
 }

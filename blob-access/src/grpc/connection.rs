@@ -1,7 +1,7 @@
 //! One lazily connected channel to a REAPI server, shared by every node built
 //! on the same `grpc` settings, with the server's capabilities learnt once.
 
-use super::config::{Compression, GrpcConfig};
+use super::config::{Compression, GrpcConfig, HeaderValue};
 use crate::bytestream_proto::byte_stream_client::ByteStreamClient;
 use crate::proto::action_cache_client::ActionCacheClient;
 use crate::proto::capabilities_client::CapabilitiesClient;
@@ -40,10 +40,109 @@ struct Inner {
     /// Makes another channel with the same settings (endpoint, TLS, keepalive).
     connect: Connect,
     instance_name: String,
-    headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    headers: Vec<(AsciiMetadataKey, HeaderSource)>,
     compression: Compression,
     max_batch_override: Option<u64>,
     capabilities: tokio::sync::OnceCell<Capabilities>,
+}
+
+/// A header value, ready to send: fixed, or re-read from its file when the file changes.
+enum HeaderSource {
+    Fixed(AsciiMetadataValue),
+    File {
+        path: std::path::PathBuf,
+        state: std::sync::Mutex<FileState>,
+    },
+}
+
+struct FileState {
+    value: AsciiMetadataValue,
+    /// Modification time and length of the file the value was read from.
+    stamp: Option<(std::time::SystemTime, u64)>,
+    checked: std::time::Instant,
+}
+
+/// How often a header file is looked at for changes (one `stat`).
+const HEADER_FILE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Errors name the variable or file, never the value.
+fn header_value(text: &str, what: &str) -> std::result::Result<AsciiMetadataValue, String> {
+    text.parse::<AsciiMetadataValue>()
+        .map_err(|_| format!("{what} is not printable ASCII"))
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read_header_file(path: &std::path::Path) -> std::result::Result<AsciiMetadataValue, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    header_value(
+        text.trim_end_matches(['\n', '\r']),
+        &format!("the value in {}", path.display()),
+    )
+}
+
+impl HeaderSource {
+    fn new(value: &HeaderValue) -> std::result::Result<Self, String> {
+        match value {
+            HeaderValue::Literal(v) => Ok(HeaderSource::Fixed(header_value(v, "the value")?)),
+            HeaderValue::Env(e) => {
+                let v = std::env::var(&e.env).map_err(|why| match why {
+                    std::env::VarError::NotPresent => {
+                        format!("environment variable {} is not set", e.env)
+                    }
+                    std::env::VarError::NotUnicode(_) => {
+                        format!("environment variable {} is not printable ASCII", e.env)
+                    }
+                })?;
+                let what = format!("environment variable {}", e.env);
+                Ok(HeaderSource::Fixed(header_value(&v, &what)?))
+            }
+            HeaderValue::File(f) => {
+                let path = std::path::PathBuf::from(&f.file);
+                let stamp = file_stamp(&path);
+                let value = read_header_file(&path)?;
+                Ok(HeaderSource::File {
+                    path,
+                    state: std::sync::Mutex::new(FileState {
+                        value,
+                        stamp,
+                        checked: std::time::Instant::now(),
+                    }),
+                })
+            }
+        }
+    }
+
+    /// The value to send now. A file that changed is re-read; one that cannot be
+    /// read (or holds a bad value) keeps the previous value, with a warning.
+    fn value(&self, node: &str) -> AsciiMetadataValue {
+        let (path, state) = match self {
+            HeaderSource::Fixed(v) => return v.clone(),
+            HeaderSource::File { path, state } => (path, state),
+        };
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= HEADER_FILE_RECHECK {
+            state.checked = std::time::Instant::now();
+            let stamp = file_stamp(path);
+            if stamp != state.stamp {
+                state.stamp = stamp;
+                match read_header_file(path) {
+                    Ok(v) => {
+                        tracing::debug!(node, file = %path.display(), "header file changed; re-read");
+                        state.value = v;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, "keeping the previous header value: {e}");
+                    }
+                }
+            }
+        }
+        state.value.clone()
+    }
 }
 
 fn config_error(name: &str, field: &str, why: impl std::fmt::Display) -> Error {
@@ -62,16 +161,11 @@ impl GrpcConnection {
             .0
             .iter()
             .map(|(k, v)| {
+                let field = format!("headers.{k}");
                 let key = k
                     .parse::<AsciiMetadataKey>()
-                    .map_err(|e| config_error(name, &format!("headers.{k}"), e))?;
-                let value = v.parse::<AsciiMetadataValue>().map_err(|_| {
-                    config_error(
-                        name,
-                        &format!("headers.{k}"),
-                        "value is not printable ASCII",
-                    )
-                })?;
+                    .map_err(|e| config_error(name, &field, e))?;
+                let value = HeaderSource::new(v).map_err(|e| config_error(name, &field, e))?;
                 Ok((key, value))
             })
             .collect::<Result<_>>()?;
@@ -136,7 +230,8 @@ impl GrpcConnection {
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         for (k, v) in &self.inner.headers {
-            req.metadata_mut().insert(k.clone(), v.clone());
+            req.metadata_mut()
+                .insert(k.clone(), v.value(&self.inner.name));
         }
         req
     }
@@ -246,12 +341,34 @@ fn connector(name: &str, cfg: &GrpcConfig) -> Result<Connect> {
     if let Some(t) = cfg.keepalive_timeout {
         ep = ep.keep_alive_timeout(t.get());
     }
+    if !tls && (cfg.tls_client_cert.is_some() || cfg.tls_client_key.is_some()) {
+        return Err(config_error(
+            name,
+            "tls_client_cert",
+            "needs a grpcs:// endpoint",
+        ));
+    }
     if tls {
         let mut tls_cfg = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| config_error(name, "ca_file", format!("{ca}: {e}")))?;
             tls_cfg = tls_cfg.ca_certificate(Certificate::from_pem(pem));
+        }
+        match (&cfg.tls_client_cert, &cfg.tls_client_key) {
+            (Some(cert), Some(key)) => {
+                let read = |field: &str, path: &str| {
+                    std::fs::read(path)
+                        .map_err(|e| config_error(name, field, format!("{path}: {e}")))
+                };
+                tls_cfg = tls_cfg.identity(tonic::transport::Identity::from_pem(
+                    read("tls_client_cert", cert)?,
+                    read("tls_client_key", key)?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(config_error(name, "tls_client_key", "is missing")),
+            (None, Some(_)) => return Err(config_error(name, "tls_client_cert", "is missing")),
         }
         ep = ep
             .tls_config(tls_cfg)

@@ -28,11 +28,16 @@ impl capabilities_server::Capabilities for Capabilities {
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
         self.0.check_instance(&request.get_ref().instance_name)?;
+        // Set by the token check: a read-only caller must not upload results.
+        let caller_may_write =
+            request.extensions().get::<super::Permission>() != Some(&super::Permission::Read);
         let zstd = compressor::Value::Zstd as i32;
         // Bazel fails a build that uploads results to a cache refusing them, so
         // updates are advertised only where the tree (and any remote) takes them.
         let update_enabled = match &self.0.action_cache {
-            Some(ac) => !self.0.cfg.action_cache_read_only && ac.update_enabled().await,
+            Some(ac) => {
+                caller_may_write && !self.0.cfg.action_cache_read_only && ac.update_enabled().await
+            }
             None => false,
         };
         let cache = CacheCapabilities {
