@@ -37,16 +37,15 @@ impl GrpcActionCache {
 }
 
 impl GrpcActionCache {
-    /// One GetActionResult call, failing with the status as tonic reports it
-    /// (for callers that tell transport failures from answers).
-    pub async fn try_get(&self, action: &Digest) -> Result<ActionResult, tonic::Status> {
+    /// One GetActionResult call, failing with the status as tonic reports it.
+    async fn try_get(&self, action: &Digest) -> Result<ActionResult, tonic::Status> {
         let req = self.get_request(action);
         let client = &mut self.conn.action_cache_client();
         Ok(client.get_action_result(req).await?.into_inner())
     }
 
     /// One UpdateActionResult call, like [`try_get`](Self::try_get).
-    pub async fn try_update(
+    async fn try_update(
         &self,
         action: &Digest,
         result: &ActionResult,
