@@ -22,16 +22,20 @@ impl ActionCacheService {
         })
     }
 
-    fn action(
+    /// The tree a request goes to and its action's digest; UNIMPLEMENTED
+    /// without a tree comes before any complaint about the request.
+    fn target(
         &self,
         instance_name: &str,
         digest_function: i32,
         digest: Option<&crate::proto::Digest>,
-    ) -> Result<Digest, Status> {
+    ) -> Result<(&Arc<dyn ActionCache>, Digest), Status> {
+        let tree = self.tree()?;
         self.0.check_instance(instance_name)?;
         check_digest_function(digest_function)?;
-        parse_digest(digest)
-            .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))
+        let action = parse_digest(digest)
+            .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))?;
+        Ok((tree, action))
     }
 }
 
@@ -85,12 +89,8 @@ impl action_cache_server::ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let req = request.into_inner();
-        let tree = self.tree()?;
-        let action = self.action(
-            &req.instance_name,
-            req.digest_function,
-            req.action_digest.as_ref(),
-        )?;
+        let digest = req.action_digest.as_ref();
+        let (tree, action) = self.target(&req.instance_name, req.digest_function, digest)?;
         // Inlining is optional (REAPI lets servers omit it); clients read outputs from the CAS.
         let result = tree.get_action_result(&action).await?;
         Ok(Response::new(result))
@@ -101,12 +101,8 @@ impl action_cache_server::ActionCache for ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let req = request.into_inner();
-        let tree = self.tree()?;
-        let action = self.action(
-            &req.instance_name,
-            req.digest_function,
-            req.action_digest.as_ref(),
-        )?;
+        let digest = req.action_digest.as_ref();
+        let (tree, action) = self.target(&req.instance_name, req.digest_function, digest)?;
         if self.0.cfg.action_cache_read_only {
             return Err(Status::permission_denied(
                 "this server's action cache is read-only",
