@@ -17,7 +17,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo package (the crates stay publishable: metadata, versions on path dependencies)"
-cargo package --workspace --locked --no-verify --allow-dirty --quiet
+echo "== cargo package (the crates stay publishable: each packaged crate builds on its own)"
+cargo package --workspace --locked --allow-dirty --quiet
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
