@@ -5,24 +5,10 @@
 mod support;
 
 use blob_access::chaos::{Faults, Kill, Proxy};
-use std::io::{Read, Write};
 use std::process::Command;
 use support::*;
 
 const SIZE: u64 = 300 << 20;
-
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
 
 /// The value of the sample whose line starts with `series`.
 fn sample(text: &str, series: &str) -> Option<f64> {
