@@ -121,6 +121,8 @@ enum Command {
         /// Mutual TLS: require client certificates signed by this CA (PEM).
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        #[command(flatten)]
+        limits: cmd::serve::Limits,
     },
 }
 
@@ -204,6 +206,7 @@ fn main() -> ExitCode {
                 tls_cert,
                 tls_key,
                 tls_client_ca,
+                limits,
             } => {
                 let opts = cmd::serve::ServeOptions {
                     listen,
@@ -220,6 +223,7 @@ fn main() -> ExitCode {
                             key,
                             client_ca: tls_client_ca,
                         }),
+                    limits,
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

@@ -16,6 +16,17 @@ impl ByteSize {
     }
 }
 
+/// `64MiB`, `1GB`, `4096`: what config files and command-line flags take.
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| ByteSize(b.as_u64()))
+            .map_err(|_| format!("{text:?} is not a size in bytes (e.g. 4096, 64MiB, 1GB)"))
+    }
+}
+
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
@@ -45,9 +56,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                     .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                v.trim()
-                    .parse::<bytesize::ByteSize>()
-                    .map(|b| ByteSize(b.as_u64()))
+                v.parse()
                     .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
             }
         }

@@ -32,6 +32,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod get_tree;
+mod limits;
 mod rechunk;
 mod tls;
 mod upload;
@@ -58,8 +59,19 @@ pub struct ServerConfig {
     pub instance_name: Option<String>,
     /// Largest sum of blob sizes in one BatchUpdateBlobs/BatchReadBlobs call (advertised).
     pub max_batch_total_size_bytes: u64,
-    /// Largest gRPC message accepted or sent.
+    /// Largest gRPC message accepted or sent. A larger message is refused from
+    /// its length prefix, before it is read; each stream may buffer one.
     pub max_message_size: usize,
+    /// Streams one client connection may have open at once (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// ByteStream writes one client connection may run at once; more get
+    /// RESOURCE_EXHAUSTED. Connections over Unix sockets are not limited.
+    pub max_uploads_per_connection: usize,
+    /// A request that sends nothing for this long while the server waits for it
+    /// ends with DEADLINE_EXCEEDED (an upload is discarded), and a connection
+    /// that sends no byte for this long after it was accepted is closed.
+    pub idle_timeout: Duration,
     /// Largest payload of one ByteStream ReadResponse.
     pub read_chunk_size: usize,
     /// zstd level for `compressed-blobs/zstd` reads; low levels keep up with the network.
@@ -92,7 +104,10 @@ impl Default for ServerConfig {
         ServerConfig {
             instance_name: None,
             max_batch_total_size_bytes: 4 << 20,
-            max_message_size: 64 << 20,
+            max_message_size: 16 << 20,
+            max_concurrent_streams: 256,
+            max_uploads_per_connection: 64,
+            idle_timeout: Duration::from_secs(60),
             read_chunk_size: 1 << 20,
             zstd_level: 1,
             shutdown_grace: Duration::from_secs(30),
@@ -109,6 +124,10 @@ impl Default for ServerConfig {
 /// (loopback) link without waiting for WINDOW_UPDATEs.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// HTTP/2 pings to idle clients, so connections of clients that vanished
+/// (no FIN: a crashed machine, a dropped NAT entry) are closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to wait for connections to close after transfers were ended.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -120,6 +139,7 @@ struct Shared {
     action_cache: Option<Arc<dyn ActionCache>>,
     cfg: Arc<ServerConfig>,
     kill: watch::Receiver<bool>,
+    uploads: Arc<limits::UploadSlots>,
 }
 
 impl Shared {
@@ -171,6 +191,7 @@ impl Shared {
         Shared {
             backend: storage.cas,
             action_cache: storage.action_cache,
+            uploads: limits::UploadSlots::new(cfg.max_uploads_per_connection),
             cfg: Arc::new(cfg),
             kill,
         }
@@ -222,7 +243,9 @@ pub async fn serve_tcp(
             serve_incoming(storage.into(), cfg, incoming, shutdown).await
         }
         None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let idle = cfg.idle_timeout;
+            let incoming =
+                limits::speaking(TcpIncoming::from(listener).with_nodelay(Some(true)), idle);
             serve_incoming(storage.into(), cfg, incoming, shutdown).await
         }
     }
@@ -312,10 +335,15 @@ where
         let _ = draining_tx.send(());
     };
     let auth = auth::AuthLayer(shared.cfg.auth.clone());
+    let idle = limits::IdleLayer(shared.cfg.idle_timeout);
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(shared.cfg.max_concurrent_streams)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(auth)
+        .layer(idle)
         .add_routes(routes(shared).add_service(health_service))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

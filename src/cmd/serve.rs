@@ -30,6 +30,38 @@ pub struct ServeOptions {
     pub allow_unauthenticated: bool,
     /// Serve TLS, and with a client CA, mutual TLS.
     pub tls: Option<TlsFiles>,
+    /// What one client may hold.
+    pub limits: Limits,
+}
+
+/// Limits against clients that hold resources without using them (see
+/// `blob_access::server::ServerConfig` for what each enforces).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent; a larger one is refused from its
+    /// length prefix, before it is read.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_message_size: u64,
+    /// Largest sum of blob sizes in one batch call (advertised to clients).
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    pub max_batch_size: u64,
+    /// Streams one client connection may have open at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// ByteStream uploads one client connection may run at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_uploads_per_connection: usize,
+    /// A request (or a new connection) that sends nothing for this long while
+    /// the server waits for it is ended; a partial upload is discarded.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    match text.parse::<blob_access::config_types::ByteSize>()? {
+        b if b.bytes() > 0 => Ok(b.bytes()),
+        _ => Err("must be more than 0 bytes".into()),
+    }
 }
 
 /// PEM files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
@@ -135,12 +167,26 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
     } else {
         None
     };
+    let limits = &opts.limits;
+    // A batch of the advertised size must fit in one message, with its digests.
+    if limits.max_message_size < limits.max_batch_size + (1 << 20) {
+        return Err(format!(
+            "--max-message-size ({}) must exceed --max-batch-size ({}) by at least 1MiB: \
+             clients send batches of the advertised size in one message",
+            limits.max_message_size, limits.max_batch_size
+        ));
+    }
     let cfg = ServerConfig {
         tls,
         shutdown_grace: opts.shutdown_grace,
         drain_delay: opts.drain_delay,
         action_cache_read_only: opts.action_cache_read_only,
         auth,
+        max_message_size: usize::try_from(limits.max_message_size).unwrap_or(usize::MAX),
+        max_batch_total_size_bytes: limits.max_batch_size,
+        max_concurrent_streams: limits.max_concurrent_streams,
+        max_uploads_per_connection: limits.max_uploads_per_connection,
+        idle_timeout: limits.idle_timeout,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {

@@ -130,6 +130,7 @@ impl byte_stream_server::ByteStream for ByteStream {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let _slot = self.0.uploads.acquire(request.remote_addr())?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
