@@ -218,3 +218,104 @@ fn a_proxy_rereads_a_header_file_when_it_changes() {
         assert!(!log.contains(s.as_str()), "a secret was logged:\n{log}");
     }
 }
+
+/// Bazel's credential helper protocol on a `grpc` node: the helper's header
+/// gets through `serve --auth-tokens`, it runs once per process, a failing
+/// helper is a clear error naming it, and its token is in no output.
+#[test]
+fn headers_from_a_credential_helper() {
+    use std::os::unix::fs::PermissionsExt;
+    let writer = secret("write");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("write {writer}\n")).unwrap();
+    let serve = Serve::start_with(None, &["-vv", "--auth-tokens", tokens.to_str().unwrap()]);
+    let helper = dir.path().join("helper");
+    let runs = dir.path().join("runs");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\ncat >> {runs}\necho >> {runs}\nprintf '{{\"headers\": {{\"authorization\": [\"Bearer %s\"]}}}}' \"$CAS_TOKEN\"\n",
+            runs = runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = dir.path().join("helper.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "grpc:\n  endpoint: grpc://127.0.0.1:{}\n  credential_helper: {}\n",
+            serve.port,
+            helper.display()
+        ),
+    )
+    .unwrap();
+    let blob = random_file(dir.path(), 300_000);
+    let (digest, err, ok) = run(
+        &[
+            "put",
+            "--config",
+            cfg.to_str().unwrap(),
+            blob.to_str().unwrap(),
+        ],
+        &[("CAS_TOKEN", &writer)],
+    );
+    assert!(ok, "{err}");
+    let mut outputs = err;
+    let out = dir.path().join("out");
+    let (_, err, ok) = run(
+        &[
+            "get",
+            "--config",
+            cfg.to_str().unwrap(),
+            digest.trim(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[("CAS_TOKEN", &writer)],
+    );
+    assert!(ok, "{err}");
+    outputs += &err;
+    assert!(files_equal(&blob, &out));
+    // It was asked about the endpoint, once per process.
+    let asked = std::fs::read_to_string(&runs).unwrap();
+    let uri = format!("{{\"uri\":\"grpc://127.0.0.1:{}\"}}", serve.port);
+    assert_eq!(asked.lines().filter(|l| *l == uri).count(), 2, "{asked}");
+    // A helper giving a wrong token: UNAUTHENTICATED, as with any header.
+    let (_, err, ok) = run(
+        &[
+            "find-missing",
+            "--config",
+            cfg.to_str().unwrap(),
+            digest.trim(),
+        ],
+        &[("CAS_TOKEN", "wrong")],
+    );
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // A helper that fails: the node cannot be built, the error names it.
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\necho 'please log in first' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let (_, err, ok) = run(
+        &[
+            "find-missing",
+            "--config",
+            cfg.to_str().unwrap(),
+            digest.trim(),
+        ],
+        &[],
+    );
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("credential_helper") && err.contains("please log in first"),
+        "{err}"
+    );
+    outputs += &serve.log();
+    assert!(
+        !outputs.contains(&writer),
+        "a secret was printed:\n{outputs}"
+    );
+}

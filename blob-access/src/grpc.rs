@@ -5,6 +5,7 @@
 
 mod config;
 mod connection;
+mod credential_helper;
 
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
 pub use connection::{Capabilities, GrpcConnection};

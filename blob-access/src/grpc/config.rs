@@ -23,6 +23,12 @@ pub struct GrpcConfig {
     /// keeps credentials out of config files. Values are never logged.
     #[serde(default, skip_serializing_if = "Headers::is_empty")]
     pub headers: Headers,
+    /// A credential helper (Bazel's protocol): run as `HELPER get` with
+    /// `{"uri": ENDPOINT}` on stdin, it prints the headers to send and when
+    /// they expire; they are fetched again before then. `headers` given here
+    /// take precedence over the helper's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_helper: Option<String>,
     /// PEM file of an extra CA to trust for `grpcs://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,

@@ -41,6 +41,7 @@ struct Inner {
     connect: Connect,
     instance_name: String,
     headers: Vec<(AsciiMetadataKey, HeaderSource)>,
+    credentials: Option<Arc<super::credential_helper::CredentialHelper>>,
     compression: Compression,
     max_batch_override: Option<u64>,
     capabilities: tokio::sync::OnceCell<Capabilities>,
@@ -169,6 +170,13 @@ impl GrpcConnection {
                 Ok((key, value))
             })
             .collect::<Result<_>>()?;
+        let credentials = match &cfg.credential_helper {
+            Some(command) => Some(
+                super::credential_helper::CredentialHelper::start(command, &cfg.endpoint)
+                    .map_err(|e| config_error(name, "credential_helper", e))?,
+            ),
+            None => None,
+        };
         Ok(GrpcConnection {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -176,6 +184,7 @@ impl GrpcConnection {
                 connect,
                 instance_name: cfg.instance_name.clone(),
                 headers,
+                credentials,
                 compression: cfg.compression,
                 max_batch_override: cfg.max_batch_size_bytes.map(|b| b.bytes()),
                 capabilities: tokio::sync::OnceCell::new(),
@@ -229,6 +238,11 @@ impl GrpcConnection {
     /// Wraps a message in a request carrying the configured headers.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
+        if let Some(helper) = &self.inner.credentials {
+            for (k, v) in helper.headers(&self.inner.name).iter() {
+                req.metadata_mut().append(k.clone(), v.clone());
+            }
+        }
         for (k, v) in &self.inner.headers {
             req.metadata_mut()
                 .insert(k.clone(), v.value(&self.inner.name));
