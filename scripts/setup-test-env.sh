@@ -52,6 +52,9 @@ else
     echo "setup-test-env: bazel already installed ($v)"
 fi
 
+# openssl makes the private CAs of the TLS tests with real clients.
+command -v openssl >/dev/null 2>&1 || apt_install openssl
+
 # --- Python venv with BuildGrid --------------------------------------------------------------
 # buildgrid 0.4.4 requires Python >= 3.11; prefer $PYTHON, then python3, then python3.11.
 PY=""
