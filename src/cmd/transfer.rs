@@ -17,17 +17,22 @@ pub async fn put(config: &Path, files: &[PathBuf], ui: &Ui) -> Result<ExitCode, 
     for f in files {
         let digest = util::digest_file(f).await.map_err(|e| e.to_string())?;
         let bar = ui.bar(digest.size_bytes(), &f.display().to_string());
-        let file = tokio::fs::File::open(f)
+        // Reopenable: a node that retries uploads may read the file again.
+        let source = util::reopenable_file(f);
+        let counted: blob_access::Reopen = std::sync::Arc::new(move || {
+            let bar = bar.clone();
+            bar.set_position(0);
+            source()
+                .inspect(move |c| {
+                    if let Ok(c) = c {
+                        bar.inc(c.len() as u64)
+                    }
+                })
+                .boxed()
+        });
+        ba.put_reopenable(&digest, counted)
             .await
-            .map_err(|e| format!("{}: {e}", f.display()))?;
-        let counted = util::file_stream(file)
-            .inspect(move |c| {
-                if let Ok(c) = c {
-                    bar.inc(c.len() as u64)
-                }
-            })
-            .boxed();
-        ba.put(&digest, counted).await.map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
         println!("{digest}");
     }
     Ok(ExitCode::SUCCESS)

@@ -63,6 +63,11 @@ impl ResumableReads {
         }
     }
 
+    /// The node's counters, shared with its writes.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     /// The retry settings.
     pub fn policy(&self) -> &RetryPolicy {
         &self.policy
