@@ -184,7 +184,13 @@ impl ResumableGrpcBlobAccess {
     pub fn with_replay_window(mut self, bytes: u64) -> Self {
         let conn = self.plain.connection().clone();
         let policy = self.reads.policy().clone();
-        self.writes = ResumableWrites::new(conn, self.channels.clone(), policy, bytes, self.reads.counters());
+        self.writes = ResumableWrites::new(
+            conn,
+            self.channels.clone(),
+            policy,
+            bytes,
+            self.reads.counters(),
+        );
         self
     }
 

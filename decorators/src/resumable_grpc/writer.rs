@@ -62,7 +62,13 @@ struct Source {
 }
 
 impl Source {
-    fn new(name: &str, digest: &Digest, data: BlobStream, reopen: Option<Reopen>, cap: u64) -> Self {
+    fn new(
+        name: &str,
+        digest: &Digest,
+        data: BlobStream,
+        reopen: Option<Reopen>,
+        cap: u64,
+    ) -> Self {
         Source {
             name: name.to_string(),
             digest: digest.clone(),
@@ -244,9 +250,12 @@ impl ResumableWrites {
         reopen: Option<Reopen>,
     ) -> Result<()> {
         let size = digest.size_bytes();
-        let resource =
-            WriteResource::new(self.conn.instance_name(), Compressor::Identity, digest.clone())
-                .to_string();
+        let resource = WriteResource::new(
+            self.conn.instance_name(),
+            Compressor::Identity,
+            digest.clone(),
+        )
+        .to_string();
         let mut src = Source::new(self.conn.name(), digest, data, reopen, self.window);
         let mut budget = Budget::new(self.policy.clone());
         let (mut at, mut acked, mut attempts) = (0u64, 0u64, 0u32);
@@ -259,9 +268,8 @@ impl ResumableWrites {
                 Outcome::Bad(e) => return Err(e),
                 Outcome::Failed(f) => f,
             };
-            let what = |at: u64| {
-                format!("attempt {attempts} from write_offset {at}, {size} bytes in all")
-            };
+            let what =
+                |at: u64| format!("attempt {attempts} from write_offset {at}, {size} bytes in all");
             if let Some(e) = Budget::fatal(&failure, &what(at)) {
                 return Err(e);
             }
@@ -271,7 +279,11 @@ impl ResumableWrites {
                 match self.query(channel, &resource, size).await {
                     Ok(s) => break s,
                     Err(qf) => {
-                        let d = budget.after(&qf, false, &format!("QueryWriteStatus after {}", what(at)))?;
+                        let d = budget.after(
+                            &qf,
+                            false,
+                            &format!("QueryWriteStatus after {}", what(at)),
+                        )?;
                         tokio::time::sleep(d).await;
                     }
                 }
@@ -393,7 +405,12 @@ impl ResumableWrites {
         }
     }
 
-    async fn query(&self, channel: Channel, resource: &str, size: u64) -> std::result::Result<Standing, Failure> {
+    async fn query(
+        &self,
+        channel: Channel,
+        resource: &str,
+        size: u64,
+    ) -> std::result::Result<Standing, Failure> {
         let observed = Observed::default();
         let mut request = self.conn.request(QueryWriteStatusRequest {
             resource_name: resource.to_string(),
@@ -449,7 +466,12 @@ impl ResumableWrites {
         }
     }
 
-    async fn batch_attempt(&self, channel: Channel, digest: &Digest, data: Bytes) -> std::result::Result<(), Failure> {
+    async fn batch_attempt(
+        &self,
+        channel: Channel,
+        digest: &Digest,
+        data: Bytes,
+    ) -> std::result::Result<(), Failure> {
         let observed = Observed::default();
         let mut request = self.conn.request(BatchUpdateBlobsRequest {
             instance_name: self.conn.instance_name().to_string(),
@@ -465,7 +487,8 @@ impl ResumableWrites {
             .max_encoding_message_size(MAX_MESSAGE)
             .max_decoding_message_size(MAX_MESSAGE);
         let timeout = self.policy.stall_timeout;
-        let response = match tokio::time::timeout(timeout, client.batch_update_blobs(request)).await {
+        let response = match tokio::time::timeout(timeout, client.batch_update_blobs(request)).await
+        {
             Err(_) => return Err(Failure::stall(timeout)),
             Ok(Err(status)) => return Err(Failure::from_status(status, observed.sent())),
             Ok(Ok(r)) => r.into_inner(),
