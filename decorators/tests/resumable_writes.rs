@@ -244,7 +244,14 @@ async fn bad_data_is_never_sent_to_completion() {
     let n = node(&server.endpoint(), policy(4), 16 << 20);
     let e = n.put(&wrong, stream(&blob)).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e}");
-    assert!(server.cas.find_missing(&[wrong.clone()]).await.unwrap() == vec![wrong]);
+    assert!(
+        server
+            .cas
+            .find_missing(std::slice::from_ref(&wrong))
+            .await
+            .unwrap()
+            == vec![wrong]
+    );
     assert!(server.writes().len() <= 1);
 }
 
@@ -268,7 +275,14 @@ async fn a_proxy_cutting_connections_fails_plain_uploads_and_resumable_ones_go_o
         GrpcBlobAccess::new(GrpcConnection::new("plain", &config(&proxy.endpoint())).unwrap());
     let e = plain.put(&d, stream(&blob)).await.unwrap_err();
     assert!(e.to_string().contains(&d.to_string()), "{e}");
-    assert!(server.cas.find_missing(&[d.clone()]).await.unwrap() == vec![d.clone()]);
+    assert!(
+        server
+            .cas
+            .find_missing(std::slice::from_ref(&d))
+            .await
+            .unwrap()
+            == vec![d.clone()]
+    );
 
     proxy.set(Some(cut.times(3)));
     let n = node(&proxy.endpoint(), policy(3), 16 << 20);
