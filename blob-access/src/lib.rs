@@ -52,6 +52,10 @@ pub use bazel_remote_apis::google::bytestream as bytestream_proto;
 /// the bytes seen so far must be discarded.
 pub type BlobStream = BoxStream<'static, Result<Bytes>>;
 
+/// Opens a blob's bytes from the start, as often as called (e.g. a file):
+/// the source of [`BlobAccess::put_reopenable`].
+pub type Reopen = Arc<dyn Fn() -> BlobStream + Send + Sync>;
+
 /// Which part of a blob to read: `limit: None` reads to the end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadRange {
@@ -139,6 +143,14 @@ pub trait BlobAccess: Send + Sync + 'static {
     /// Stores a blob. The data is verified against `digest` before the blob
     /// becomes visible; an error item in `data` aborts the write.
     async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()>;
+
+    /// Stores a blob whose bytes can be read again: each call of `open` gives
+    /// them from the start. A node that retries uploads (`resumable_grpc`)
+    /// reads them again when the server kept too little of a cut upload;
+    /// every other node reads them once, as [`put`](Self::put) does.
+    async fn put_reopenable(&self, digest: &Digest, open: Reopen) -> Result<()> {
+        self.put(digest, open()).await
+    }
 
     /// Returns the digests among `digests` that are not stored.
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;

@@ -239,6 +239,24 @@ impl BlobAccess for Instrumented<dyn BlobAccess> {
         result
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: crate::Reopen) -> Result<()> {
+        let (call, start) = (self.metrics.call(&self.node, "put"), Instant::now());
+        let written = self.metrics.bytes(&self.node, "written");
+        let counted: crate::Reopen = std::sync::Arc::new(move || {
+            let written = written.clone();
+            open()
+                .inspect(move |c| {
+                    if let Ok(c) = c {
+                        written.inc_by(c.len() as u64);
+                    }
+                })
+                .boxed()
+        });
+        let result = self.inner.put_reopenable(digest, counted).await;
+        self.metrics.finish(&call, start, result.as_ref().err());
+        result
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         self.record("find_missing", self.inner.find_missing(digests))
             .await

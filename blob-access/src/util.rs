@@ -3,7 +3,7 @@
 
 use crate::{BlobAccess, BlobStream, Code, Digest, Error, ReadRange, Result};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -111,6 +111,23 @@ pub fn file_stream(file: tokio::fs::File) -> BlobStream {
         Ok::<_, Error>((!buf.is_empty()).then(|| (buf.freeze(), f)))
     })
     .boxed()
+}
+
+/// A file's contents, readable again from the start (for
+/// [`BlobAccess::put_reopenable`]); each stream opens the file anew.
+pub fn reopenable_file(path: &Path) -> crate::Reopen {
+    let path = path.to_path_buf();
+    std::sync::Arc::new(move || {
+        let path = path.clone();
+        futures::stream::once(async move {
+            tokio::fs::File::open(&path)
+                .await
+                .map(file_stream)
+                .map_err(|e| Error::from(e).with_context_path(&path))
+        })
+        .try_flatten()
+        .boxed()
+    })
 }
 
 /// Hashes a file in a streaming fashion and returns its digest.

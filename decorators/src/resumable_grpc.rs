@@ -5,12 +5,15 @@
 //! plain client then fails or starts again from byte 0, and a large blob may
 //! never arrive. This node opens a new Read at `read_offset` = bytes already
 //! delivered, as often as the retry budget allows, and verifies the digest
-//! across all the attempts. Writes and existence checks go to a plain `grpc`
-//! backend on the same channel. In an action cache tree, calls are retried on
-//! transport failures ([`ResumableGrpcActionCache`]).
+//! across all the attempts. Uploads cut the same ways are resumed at the
+//! `committed_size` the server reports, or started again (`writer`).
+//! Existence checks go to a plain `grpc` backend on the same channel. In an
+//! action cache tree, calls are retried on transport failures
+//! ([`ResumableGrpcActionCache`]).
 
 mod action_cache;
 mod attempt;
+mod budget;
 mod channels;
 mod observe;
 mod opener;
@@ -18,6 +21,7 @@ mod reader;
 mod reads;
 mod recheck;
 mod retry;
+mod writer;
 mod zstd_decode;
 
 pub use action_cache::ResumableGrpcActionCache;
@@ -28,14 +32,15 @@ pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
 pub use retry::{classify, Failure, Origin, RetryPolicy, Verdict};
+pub use writer::ResumableWrites;
 
 use blob_access::action_cache::{ActionCache, GrpcActionCache};
-use blob_access::config_types::Duration;
+use blob_access::config_types::{ByteSize, Duration};
 use blob_access::grpc::{Compression, GrpcBlobAccess, GrpcConfig, GrpcConnection};
 use blob_access::resource::Compressor;
 use blob_access::{
     BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
-    Result,
+    Reopen, Result,
 };
 use futures::FutureExt;
 use std::sync::Arc;
@@ -65,7 +70,21 @@ pub struct ResumableGrpcConfig {
     /// upstream behind a proxy that still answers pings). Default 30s.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: Duration,
+    /// Bytes of an upload kept after sending, to go on from where the server
+    /// says it stands after a cut. Further back, the source must be readable
+    /// again (`put_reopenable`, e.g. `blob-access put` of a file) or the
+    /// upload fails. Default 16MiB.
+    #[serde(default = "default_replay_window")]
+    pub write_replay_window: ByteSize,
 }
+
+fn default_replay_window() -> ByteSize {
+    ByteSize(DEFAULT_REPLAY_WINDOW)
+}
+
+/// Bytes held for upload resumptions: more than a server typically has
+/// received but not yet committed (the HTTP/2 windows are 4 and 8 MiB).
+pub const DEFAULT_REPLAY_WINDOW: u64 = 16 << 20;
 
 /// HTTP/2 keepalive when the `grpc` settings name none: a dead connection is
 /// noticed within about a minute even without a call waiting on it.
@@ -114,7 +133,10 @@ impl ResumableGrpcConfig {
 impl BuildNode for ResumableGrpcConfig {
     fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn BlobAccess>> {
         let conn = GrpcConnection::new(ctx.path(), &self.grpc_with_keepalive())?;
-        Ok(Arc::new(ResumableGrpcBlobAccess::new(conn, self.policy())))
+        Ok(Arc::new(
+            ResumableGrpcBlobAccess::new(conn, self.policy())
+                .with_replay_window(self.write_replay_window.bytes()),
+        ))
     }
 
     fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
@@ -133,18 +155,53 @@ impl<N> ChildNodes<N> for ResumableGrpcConfig {}
 pub struct ResumableGrpcBlobAccess {
     plain: GrpcBlobAccess,
     reads: ResumableReads,
-    /// Reads start on the shared channel and move to new ones as needed.
+    writes: ResumableWrites,
+    /// Reads and writes start on the shared channel and move to new ones as needed.
     channels: Arc<Channels>,
 }
 
 impl ResumableGrpcBlobAccess {
     pub fn new(conn: GrpcConnection, policy: RetryPolicy) -> Self {
         let fresh = conn.clone();
+        let channels = Arc::new(Channels::new(conn.channel(), move || fresh.new_channel()));
+        let reads = ResumableReads::new(conn.name(), policy.clone());
+        let writes = ResumableWrites::new(
+            conn.clone(),
+            channels.clone(),
+            policy,
+            DEFAULT_REPLAY_WINDOW,
+            reads.counters(),
+        );
         ResumableGrpcBlobAccess {
-            reads: ResumableReads::new(conn.name(), policy),
-            channels: Arc::new(Channels::new(conn.channel(), move || fresh.new_channel())),
+            reads,
+            writes,
+            channels,
             plain: GrpcBlobAccess::new(conn),
         }
+    }
+
+    /// Holds `bytes` of each upload for resumptions (see `write_replay_window`).
+    pub fn with_replay_window(mut self, bytes: u64) -> Self {
+        let conn = self.plain.connection().clone();
+        let policy = self.reads.policy().clone();
+        self.writes = ResumableWrites::new(
+            conn,
+            self.channels.clone(),
+            policy,
+            bytes,
+            self.reads.counters(),
+        );
+        self
+    }
+
+    async fn write(&self, digest: &Digest, data: BlobStream, reopen: Option<Reopen>) -> Result<()> {
+        if digest.size_bytes() == 0 {
+            // Nothing to retry; the plain node checks the input.
+            return self.plain.put(digest, data).await;
+        }
+        let conn = self.plain.connection();
+        let batch = digest.size_bytes() <= conn.batch_limit().await.unwrap_or(0);
+        self.writes.put(digest, data, reopen, batch).await
     }
 }
 
@@ -169,7 +226,11 @@ impl BlobAccess for ResumableGrpcBlobAccess {
     }
 
     async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {
-        self.plain.put(digest, data).await
+        self.write(digest, data, None).await
+    }
+
+    async fn put_reopenable(&self, digest: &Digest, open: Reopen) -> Result<()> {
+        self.write(digest, open(), Some(open)).await
     }
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {

@@ -17,17 +17,24 @@ pub async fn put(config: &Path, files: &[PathBuf], ui: &Ui) -> Result<ExitCode, 
     for f in files {
         let digest = util::digest_file(f).await.map_err(|e| e.to_string())?;
         let bar = ui.bar(digest.size_bytes(), &f.display().to_string());
-        let file = tokio::fs::File::open(f)
+        let started = std::time::Instant::now();
+        // Reopenable: a node that retries uploads may read the file again.
+        let source = util::reopenable_file(f);
+        let counted: blob_access::Reopen = std::sync::Arc::new(move || {
+            let bar = bar.clone();
+            bar.set_position(0);
+            source()
+                .inspect(move |c| {
+                    if let Ok(c) = c {
+                        bar.inc(c.len() as u64)
+                    }
+                })
+                .boxed()
+        });
+        ba.put_reopenable(&digest, counted)
             .await
-            .map_err(|e| format!("{}: {e}", f.display()))?;
-        let counted = util::file_stream(file)
-            .inspect(move |c| {
-                if let Ok(c) = c {
-                    bar.inc(c.len() as u64)
-                }
-            })
-            .boxed();
-        ba.put(&digest, counted).await.map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
+        put_report(&*ba, &digest, started.elapsed());
         println!("{digest}");
     }
     Ok(ExitCode::SUCCESS)
@@ -79,6 +86,21 @@ fn report(ba: &dyn BlobAccess, digest: &Digest, elapsed: std::time::Duration) {
         digest = %digest,
         resumptions,
         "got {mib:.1} MiB in {:.2}s ({:.1} MiB/s), digest verified, {resumptions} resumptions",
+        elapsed.as_secs_f64(),
+        mib / elapsed.as_secs_f64().max(1e-9),
+    );
+}
+
+/// With `-v`: what an upload took, including retries of resuming nodes.
+fn put_report(ba: &dyn BlobAccess, digest: &Digest, elapsed: std::time::Duration) {
+    let mut metrics: Vec<NodeMetrics> = Vec::new();
+    ba.metrics(&mut metrics);
+    let sum = |name: &str| -> u64 { metrics.iter().filter_map(|m| m.get(name)).sum() };
+    let (retries, restarts) = (sum("write_retries"), sum("write_restarts"));
+    let mib = digest.size_bytes() as f64 / (1 << 20) as f64;
+    tracing::info!(
+        digest = %digest,
+        "put {mib:.1} MiB in {:.2}s ({:.1} MiB/s), {retries} write_retries, {restarts} write_restarts",
         elapsed.as_secs_f64(),
         mib / elapsed.as_secs_f64().max(1e-9),
     );

@@ -121,6 +121,29 @@ impl Nginx {
 }
 
 impl Nginx {
+    /// Reloads nginx `n` times, `every` apart (the first after `every`),
+    /// while `f` runs; returns `f`'s result and the number of reloads.
+    pub fn with_n_reloads<T>(&self, n: u32, every: Duration, f: impl FnOnce() -> T) -> (T, u32) {
+        let dir = self.dir.path().to_path_buf();
+        let reloader = std::thread::spawn(move || {
+            let mut done = 0;
+            for _ in 0..n {
+                std::thread::sleep(every);
+                let ok = Command::new("bash")
+                    .arg("scripts/nginx.sh")
+                    .arg("reload")
+                    .arg(&dir)
+                    .current_dir(root())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                done += ok as u32;
+            }
+            done
+        });
+        let out = f();
+        (out, reloader.join().unwrap())
+    }
+
     /// Reloads nginx every 200 ms while `f` runs; returns `f`'s result and
     /// the number of reloads.
     pub fn with_reloads<T>(&self, f: impl FnOnce() -> T) -> (T, u32) {

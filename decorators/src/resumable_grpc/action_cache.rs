@@ -4,8 +4,10 @@
 //! the same rules and budget as a read that makes no progress. Both calls are
 //! idempotent, so a retry never does harm. A call without an answer for the
 //! node's `stall_timeout` (a black-holed path) is abandoned and retried like a
-//! cut one.
+//! cut one. As for reads, a stall or a second transport failure in a row
+//! moves the calls to a fresh connection ([`super::Channels`]).
 
+use super::channels::Channels;
 use super::observe::{Observed, ObservingChannel};
 use super::{classify, Failure, RetryPolicy, Verdict};
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
@@ -23,13 +25,17 @@ pub struct ResumableGrpcActionCache {
     plain: GrpcActionCache,
     policy: RetryPolicy,
     counters: Counters,
+    channels: Channels,
 }
 
-const COUNTERS: &[&str] = &["retries", "give_ups"];
+const COUNTERS: &[&str] = &["retries", "give_ups", "fresh_connections"];
 
 impl ResumableGrpcActionCache {
     pub fn new(plain: GrpcActionCache, policy: RetryPolicy) -> Self {
+        let conn = plain.connection().clone();
+        let fresh = conn.clone();
         ResumableGrpcActionCache {
+            channels: Channels::new(conn.channel(), move || fresh.new_channel()),
             plain,
             policy,
             counters: Counters::new(COUNTERS),
@@ -50,8 +56,8 @@ impl ResumableGrpcActionCache {
     }
 
     /// A client whose calls record the status the server sent.
-    fn client(&self) -> Client {
-        ActionCacheClient::new(ObservingChannel::new(self.plain.connection().channel()))
+    fn client(&self, channel: Channel) -> Client {
+        ActionCacheClient::new(ObservingChannel::new(channel))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
@@ -65,20 +71,34 @@ impl ResumableGrpcActionCache {
     {
         let started = Instant::now();
         let mut failed = 0u32;
+        let (mut used, mut fresh, mut transport_failed) = (self.channels.current().0, false, false);
         loop {
+            let (number, channel) = if fresh {
+                self.counters.inc("fresh_connections");
+                self.channels.replace(used)
+            } else {
+                self.channels.current()
+            };
+            used = number;
             let observed = Observed::default();
             let stall = self.policy.stall_timeout;
-            let call = tokio::time::timeout(stall, call(self.client(), observed.clone()));
-            let status = match call.await {
+            let call = tokio::time::timeout(stall, call(self.client(channel), observed.clone()));
+            let (status, stalled) = match call.await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(s)) => s,
+                Ok(Err(s)) => (s, false),
                 // Made up here, so classified as a transport failure.
-                Err(_) => tonic::Status::deadline_exceeded(format!(
-                    "no answer within {stall:?} (stall_timeout)"
-                )),
+                Err(_) => (
+                    tonic::Status::deadline_exceeded(format!(
+                        "no answer within {stall:?} (stall_timeout)"
+                    )),
+                    true,
+                ),
             };
             failed += 1;
             let failure = Failure::from_status(status, observed.sent());
+            let transport = failure.origin == super::Origin::Transport;
+            fresh = stalled || (transport && transport_failed);
+            transport_failed = transport;
             let delay = match classify(&failure) {
                 // For UpdateActionResult, RESOURCE_EXHAUSTED is a full or
                 // refusing store: worth another try only when the server says when.

@@ -36,6 +36,12 @@ pub const COUNTERS: &[&str] = &[
     "read_limit_fallbacks",
     "stalls",
     "fresh_connections",
+    "writes",
+    "write_retries",
+    "write_restarts",
+    "bytes_resent",
+    "source_rereads",
+    "writes_found_complete",
 ];
 
 /// What one read shares with the layer above it (see `recheck`).

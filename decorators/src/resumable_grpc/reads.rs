@@ -63,6 +63,11 @@ impl ResumableReads {
         }
     }
 
+    /// The node's counters, shared with its writes.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     /// The retry settings.
     pub fn policy(&self) -> &RetryPolicy {
         &self.policy
@@ -100,7 +105,10 @@ impl ResumableReads {
 
     /// Appends this node's counters: `reads`, `resumptions`, `bytes_rerequested`,
     /// `give_ups`, `zstd_fallbacks`, `offset_rechecks`, `overruns_trimmed` (ranged
-    /// reads the server sent past `read_limit`) and `read_limit_fallbacks`.
+    /// reads the server sent past `read_limit`), `read_limit_fallbacks`,
+    /// `stalls`, `fresh_connections`, and those of uploads ([`super::ResumableWrites`]):
+    /// `writes`, `write_retries`, `write_restarts` (from byte 0), `bytes_resent`,
+    /// `source_rereads` and `writes_found_complete`.
     pub fn metrics(&self, out: &mut Vec<NodeMetrics>) {
         out.push(self.counters.snapshot(&self.name, "resumable_grpc"));
     }

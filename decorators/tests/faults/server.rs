@@ -3,12 +3,18 @@
 //! N bytes, a clean early end, `read_offset` ignored, a corrupted byte. It
 //! serves `compressed-blobs/zstd/...` (a zstd frame per 16 KiB, with
 //! `read_offset` in uncompressed bytes) when asked to advertise ZSTD.
+//!
+//! Writes are stored once complete and verified. With
+//! [`Options::keep_partial_uploads`] the server commits what it received of
+//! a cut upload (by uuid) and QueryWriteStatus reports it; otherwise
+//! QueryWriteStatus answers UNIMPLEMENTED (as BuildGrid does). Write attempts
+//! misbehave on demand ([`WriteFault`]) and are logged.
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use bazel_remote_apis::google::bytestream as bs;
 use blob_access::memory::MemoryBlobAccess;
-use blob_access::resource::{Compressor, ReadResource};
+use blob_access::resource::{Compressor, ReadResource, WriteResource};
 use blob_access::{BlobAccess, BlobStream, Code, Digest, ReadRange};
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -32,6 +38,28 @@ pub enum Fault {
     Corrupt { at: u64 },
 }
 
+/// How one Write attempt misbehaves.
+#[derive(Clone, Debug)]
+pub enum WriteFault {
+    /// After receiving `after` bytes in this attempt, fail with `code`.
+    Status { after: u64, code: Code },
+    /// Receive everything and store the blob, then fail with UNAVAILABLE
+    /// (the response lost on the way back).
+    StoreThenFail,
+    /// Answer ALREADY_EXISTS at the first message.
+    AlreadyExists,
+}
+
+/// One Write attempt as the server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteAttempt {
+    pub uuid: String,
+    /// `write_offset` of its first message.
+    pub first_offset: u64,
+    /// Payload bytes received.
+    pub received: u64,
+}
+
 /// Server-wide behaviour.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -44,6 +72,11 @@ pub struct Options {
     pub overrun_read_limit: bool,
     /// Answer a non-zero `read_limit` with this code (UNIMPLEMENTED, INVALID_ARGUMENT).
     pub refuse_read_limit: Option<Code>,
+    /// Keep what a cut upload sent and report it through QueryWriteStatus.
+    pub keep_partial_uploads: bool,
+    /// Wait this long before taking each Write message (a slow server, so
+    /// that a proxy's timed cut falls inside an upload).
+    pub write_delay: Option<std::time::Duration>,
 }
 
 #[derive(Default)]
@@ -51,6 +84,12 @@ struct Script {
     next: VecDeque<Option<Fault>>,
     always: Option<Fault>,
     requests: Vec<(String, i64, i64)>,
+    writes_next: VecDeque<Option<WriteFault>>,
+    writes_always: Option<WriteFault>,
+    writes: Vec<WriteAttempt>,
+    queries: u32,
+    /// Committed bytes of partial uploads, by uuid.
+    uploads: std::collections::HashMap<String, Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -117,6 +156,26 @@ impl FaultServer {
     /// The fault of every attempt once the plan is used up.
     pub fn always(&self, fault: Option<Fault>) {
         self.script.lock().unwrap().always = fault;
+    }
+
+    /// Faults of the next Write attempts, in order.
+    pub fn plan_writes(&self, faults: impl IntoIterator<Item = Option<WriteFault>>) {
+        self.script.lock().unwrap().writes_next = faults.into_iter().collect();
+    }
+
+    /// The fault of every Write attempt once the plan is used up.
+    pub fn always_writes(&self, fault: Option<WriteFault>) {
+        self.script.lock().unwrap().writes_always = fault;
+    }
+
+    /// Each Write attempt so far.
+    pub fn writes(&self) -> Vec<WriteAttempt> {
+        self.script.lock().unwrap().writes.clone()
+    }
+
+    /// QueryWriteStatus calls so far.
+    pub fn queries(&self) -> u32 {
+        self.script.lock().unwrap().queries
     }
 
     /// `(resource_name, read_offset, read_limit)` of each Read so far.
@@ -188,16 +247,140 @@ impl bs::byte_stream_server::ByteStream for Service {
 
     async fn write(
         &self,
-        _: Request<tonic::Streaming<bs::WriteRequest>>,
+        req: Request<tonic::Streaming<bs::WriteRequest>>,
     ) -> Result<Response<bs::WriteResponse>, Status> {
-        Err(Status::unimplemented("read-only fault server"))
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty Write"))?;
+        let res = WriteResource::parse(&first.resource_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let size = res.digest.size_bytes();
+        let uuid = res.uuid.clone();
+        // Bytes are committed as they arrive (in the upload's entry), so a
+        // handler dropped with its connection leaves them behind.
+        let (fault, attempt) = {
+            let mut s = self.script.lock().unwrap();
+            let always = s.writes_always.clone();
+            let fault = s.writes_next.pop_front().unwrap_or(always);
+            if !self.opts.keep_partial_uploads {
+                s.uploads.remove(&uuid);
+            }
+            s.writes.push(WriteAttempt {
+                uuid: uuid.clone(),
+                first_offset: first.write_offset as u64,
+                received: 0,
+            });
+            (fault, s.writes.len() - 1)
+        };
+        if matches!(fault, Some(WriteFault::AlreadyExists)) {
+            return Err(Status::already_exists("injected ALREADY_EXISTS"));
+        }
+        {
+            let mut s = self.script.lock().unwrap();
+            let buf = s.uploads.entry(uuid.clone()).or_default();
+            if first.write_offset as usize > buf.len() {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} but {} bytes committed",
+                    first.write_offset,
+                    buf.len()
+                )));
+            }
+            buf.truncate(first.write_offset as usize);
+        }
+        let (mut received, mut msg, mut finished) = (0u64, Some(first), false);
+        while let Some(m) = msg.take() {
+            if let Some(d) = self.opts.write_delay {
+                tokio::time::sleep(d).await;
+            }
+            let mut data = &m.data[..];
+            let cut = match fault {
+                Some(WriteFault::Status { after, code })
+                    if received + data.len() as u64 > after =>
+                {
+                    data = &data[..(after - received) as usize];
+                    Some(code)
+                }
+                _ => None,
+            };
+            received += data.len() as u64;
+            {
+                let mut s = self.script.lock().unwrap();
+                s.writes[attempt].received = received;
+                s.uploads
+                    .entry(uuid.clone())
+                    .or_default()
+                    .extend_from_slice(data);
+            }
+            if let Some(code) = cut {
+                return Err(status(code));
+            }
+            finished = m.finish_write;
+            if finished {
+                break;
+            }
+            msg = stream.message().await?;
+        }
+        if !finished {
+            return Err(Status::invalid_argument("Write ended without finish_write"));
+        }
+        let buf = self
+            .script
+            .lock()
+            .unwrap()
+            .uploads
+            .remove(&uuid)
+            .unwrap_or_default();
+        if buf.len() as u64 != size || Digest::of(&buf) != res.digest {
+            return Err(Status::invalid_argument(
+                "uploaded bytes do not match the digest",
+            ));
+        }
+        self.cas
+            .put(&res.digest, blob_access::util::once(buf.into()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if matches!(fault, Some(WriteFault::StoreThenFail)) {
+            return Err(status(Code::Unavailable));
+        }
+        Ok(Response::new(bs::WriteResponse {
+            committed_size: size as i64,
+        }))
     }
 
     async fn query_write_status(
         &self,
-        _: Request<bs::QueryWriteStatusRequest>,
+        req: Request<bs::QueryWriteStatusRequest>,
     ) -> Result<Response<bs::QueryWriteStatusResponse>, Status> {
-        Err(Status::unimplemented("read-only fault server"))
+        self.script.lock().unwrap().queries += 1;
+        if !self.opts.keep_partial_uploads {
+            return Err(Status::unimplemented("QueryWriteStatus not implemented"));
+        }
+        let res = WriteResource::parse(&req.get_ref().resource_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let stored = self
+            .cas
+            .find_missing(std::slice::from_ref(&res.digest))
+            .await;
+        if stored.is_ok_and(|m| m.is_empty()) {
+            let size = res.digest.size_bytes() as i64;
+            return Ok(Response::new(bs::QueryWriteStatusResponse {
+                committed_size: size,
+                complete: true,
+            }));
+        }
+        let committed = self
+            .script
+            .lock()
+            .unwrap()
+            .uploads
+            .get(&res.uuid)
+            .map_or(0, |b| b.len());
+        Ok(Response::new(bs::QueryWriteStatusResponse {
+            committed_size: committed as i64,
+            complete: false,
+        }))
     }
 }
 

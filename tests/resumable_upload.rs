@@ -1,0 +1,129 @@
+//! Uploads that survive cuts, on real parts: `blob-access put` of a 300 MiB
+//! file (BLOB_ACCESS_UPLOAD_MIB to change) through `resumable_grpc` to
+//! BuildGrid, through a proxy killing connections after 1 s and through nginx
+//! reloads, then a verified `get` of the same bytes.
+//!
+//! BuildGrid keeps nothing of a cut upload and answers QueryWriteStatus with
+//! UNIMPLEMENTED, so each retry starts again at byte 0, reading the file
+//! again (the replay window holds only its last 16 MiB): this is the restart
+//! path on a real server (the fault server's tests cover going on at
+//! `committed_size`). An upload to BuildGrid takes seconds, so no attempt
+//! ever completes while every connection dies after 1 s: the proxy and nginx
+//! cut the first three, then let one through. The plain `grpc` node fails
+//! on the first cut (the control).
+
+mod support;
+
+use blob_access::chaos::{Faults, Kill, Proxy};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::*;
+
+fn size() -> u64 {
+    let mib = std::env::var("BLOB_ACCESS_UPLOAD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300u64);
+    mib << 20
+}
+
+fn resumable_config(dir: &Path, name: &str, port: u16) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:{port}\n    instance_name: \"\"\n  max_attempts_without_progress: 10\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn put(config: &Path, file: &Path) -> std::process::Output {
+    cli(&[
+        "put".as_ref(),
+        "-v".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        file.as_os_str(),
+    ])
+}
+
+/// The number logged before ` name` by `put -v`.
+fn logged(log: &str, name: &str) -> u64 {
+    log.split(&format!(" {name}"))
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A successful `put`, then a `get` straight from BuildGrid of the same bytes.
+fn assert_stored(out: &std::process::Output, bg: &BuildGrid, dir: &Path, file: &Path) -> u64 {
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "put failed: {log}");
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let restarts = logged(&log, "write_restarts");
+    assert!(restarts > 0, "no restart logged in: {log}");
+    let direct = grpc_config(dir, "direct.yaml", bg.port);
+    let got = dir.join("got");
+    get_cli(&direct, &digest, &got);
+    assert!(files_equal(file, &got));
+    std::fs::remove_file(&got).unwrap();
+    restarts
+}
+
+#[test]
+fn uploads_through_a_proxy_killing_connections_start_again_and_arrive() {
+    if !real_servers() {
+        return;
+    }
+    let bg = BuildGrid::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = random_file(dir.path(), size());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = ([127, 0, 0, 1], bg.port).into();
+    let cut = Faults::time(Kill::Rst, Duration::from_secs(1));
+    let proxy = rt.block_on(Proxy::start(upstream, None)).unwrap();
+    let port = proxy.addr.port();
+
+    // The control: the plain node fails on the cut, naming the blob.
+    proxy.set(Some(cut.times(1)));
+    let plain = grpc_config(dir.path(), "plain.yaml", port);
+    let out = put(&plain, &file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "plain put survived a cut");
+    let digest = rt
+        .block_on(blob_access::util::digest_file(&file))
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&digest), "{err}");
+
+    proxy.set(Some(cut.times(3)));
+    let before = proxy.kills.load(std::sync::atomic::Ordering::Relaxed);
+    let resumable = resumable_config(dir.path(), "resumable.yaml", port);
+    let out = put(&resumable, &file);
+    let restarts = assert_stored(&out, &bg, dir.path(), &file);
+    let kills = proxy.kills.load(std::sync::atomic::Ordering::Relaxed) - before;
+    eprintln!("through the proxy: {kills} connections killed, {restarts} restarts");
+    assert!(kills >= 1);
+}
+
+#[test]
+fn uploads_through_reloading_nginx_start_again_and_arrive() {
+    if !real_servers() {
+        return;
+    }
+    let bg = BuildGrid::start();
+    let nginx = Nginx::start(bg.port);
+    let dir = tempfile::tempdir().unwrap();
+    // Not the other test's file: BuildGrid answers at once for a stored blob.
+    let file = random_file(dir.path(), size() + 1);
+    let resumable = resumable_config(dir.path(), "resumable.yaml", nginx.port);
+    // Three reloads, 1.5 s apart, each closing the upload's connection
+    // 200 ms later (worker_shutdown_timeout); then one attempt goes through.
+    let (out, reloads) =
+        nginx.with_n_reloads(3, Duration::from_millis(1500), || put(&resumable, &file));
+    let restarts = assert_stored(&out, &bg, dir.path(), &file);
+    eprintln!("through nginx: {reloads} reloads, {restarts} restarts");
+}
