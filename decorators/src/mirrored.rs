@@ -49,16 +49,15 @@ pub struct MirroredConfig<N> {
     pub backend_b: Box<N>,
     /// Background copies to the side that lacks a blob running at once. Default 8.
     #[serde(default = "default_concurrent")]
-    #[schemars(range(min = 1))]
-    pub max_concurrent_repairs: usize,
+    pub max_concurrent_repairs: std::num::NonZeroUsize,
     /// Copies waiting for their turn; beyond, repairs are dropped (and asked
     /// again by the next read). Default 10000.
     #[serde(default = "default_pending")]
     pub max_pending_repairs: usize,
 }
 
-fn default_concurrent() -> usize {
-    8
+fn default_concurrent() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(8).expect("not zero")
 }
 fn default_pending() -> usize {
     10_000
@@ -79,7 +78,7 @@ impl<N: BuildNode> BuildNode for MirroredConfig<N> {
         let a = Side::new(self.backend_a.build(&ca)?, &ca);
         let b = Side::new(self.backend_b.build(&cb)?, &cb);
         let node = Mirrored::new(ctx.path(), a, b)
-            .max_repairs(self.max_concurrent_repairs, self.max_pending_repairs);
+            .max_repairs(self.max_concurrent_repairs.get(), self.max_pending_repairs);
         Ok(Arc::new(node))
     }
 
@@ -151,7 +150,7 @@ impl Mirrored {
                 sides: [a, b],
                 next: AtomicUsize::new(0),
                 counters: Counters::new(COUNTERS),
-                permits: Arc::new(Semaphore::new(default_concurrent())),
+                permits: Arc::new(Semaphore::new(default_concurrent().get())),
                 max_pending: default_pending(),
                 repairs: Mutex::default(),
             }),
