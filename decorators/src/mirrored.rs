@@ -77,8 +77,13 @@ impl<N: BuildNode> BuildNode for MirroredConfig<N> {
         let (ca, cb) = (ctx.child("backend_a"), ctx.child("backend_b"));
         let a = Side::new(self.backend_a.build(&ca)?, &ca);
         let b = Side::new(self.backend_b.build(&cb)?, &cb);
-        let node = Mirrored::new(ctx.path(), a, b)
-            .max_repairs(self.max_concurrent_repairs.get(), self.max_pending_repairs);
+        let node = Mirrored::with_repair_limits(
+            ctx.path(),
+            a,
+            b,
+            self.max_concurrent_repairs.get(),
+            self.max_pending_repairs,
+        );
         Ok(Arc::new(node))
     }
 
@@ -143,26 +148,31 @@ struct Repairs {
 }
 
 impl Mirrored {
+    /// A mirror with the default repair bounds (8 at once, 10000 queued).
     pub fn new(name: &str, a: Side<dyn BlobAccess>, b: Side<dyn BlobAccess>) -> Self {
+        Self::with_repair_limits(name, a, b, default_concurrent().get(), default_pending())
+    }
+
+    /// A mirror running at most `concurrent` background copies at once (at
+    /// least 1) with at most `pending` queued.
+    pub fn with_repair_limits(
+        name: &str,
+        a: Side<dyn BlobAccess>,
+        b: Side<dyn BlobAccess>,
+        concurrent: usize,
+        pending: usize,
+    ) -> Self {
         Mirrored {
             shared: Arc::new(Shared {
                 name: name.to_string(),
                 sides: [a, b],
                 next: AtomicUsize::new(0),
                 counters: Counters::new(COUNTERS),
-                permits: Arc::new(Semaphore::new(default_concurrent().get())),
-                max_pending: default_pending(),
+                permits: Arc::new(Semaphore::new(concurrent.max(1))),
+                max_pending: pending,
                 repairs: Mutex::default(),
             }),
         }
-    }
-
-    /// Bounds the background copies: `concurrent` at once (at least 1), `pending` queued.
-    pub fn max_repairs(mut self, concurrent: usize, pending: usize) -> Self {
-        let shared = Arc::get_mut(&mut self.shared).expect("configured before use");
-        shared.permits = Arc::new(Semaphore::new(concurrent.max(1)));
-        shared.max_pending = pending;
-        self
     }
 
     /// Background copies queued or running.

@@ -145,8 +145,14 @@ async fn find_missing_reports_what_both_lack_and_repairs() {
 
 #[tokio::test]
 async fn repairs_are_bounded() {
-    let (a, b, m) = mirror();
-    let m = m.max_repairs(1, 5);
+    let (a, b) = (Switch::new("a"), Switch::new("b"));
+    let m = Mirrored::with_repair_limits(
+        "mirrored",
+        Side::named(a.clone() as Arc<dyn BlobAccess>, "mirrored.backend_a"),
+        Side::named(b.clone() as Arc<dyn BlobAccess>, "mirrored.backend_b"),
+        1,
+        5,
+    );
     let mut ds = Vec::new();
     for i in 0..20 {
         ds.push(put(&*b, &format!("blob {i}")).await);
@@ -246,4 +252,45 @@ async fn dropping_the_node_stops_its_repairs() {
         tokio::task::yield_now().await;
     }
     panic!("a repair task outlived its node");
+}
+
+#[tokio::test]
+async fn config_trees_mirror_the_cas_and_the_action_cache() {
+    use blob_access::ActionCache;
+    let load =
+        |yaml: &str| blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "t.yaml");
+    let yaml = "
+content_addressable_storage:
+  mirrored:
+    backend_a: {memory: {max_size_bytes: 1MiB}}
+    backend_b: {memory: {max_size_bytes: 1MiB}}
+    max_concurrent_repairs: 2
+action_cache:
+  mirrored:
+    backend_a: {memory: {max_size_bytes: 1MiB}}
+    backend_b: {memory: {max_size_bytes: 1MiB}}
+";
+    let storage = load(yaml)
+        .unwrap()
+        .build(&blob_access::BuildContext::root())
+        .unwrap();
+    let d = put(&*storage.cas, "mirrored").await;
+    assert_eq!(read(&*storage.cas, &d).await.unwrap(), b"mirrored");
+    let mut m = Vec::new();
+    storage.cas.metrics(&mut m);
+    let paths: Vec<&str> = m.iter().map(|m| m.path.as_str()).collect();
+    assert!(
+        paths.contains(&"content_addressable_storage.mirrored.backend_b.memory"),
+        "{paths:?}"
+    );
+    let ac = storage.action_cache.unwrap();
+    let action = Digest::of(b"action");
+    let result = blob_access::action_cache::ActionResult::default();
+    ac.update_action_result(&action, &result).await.unwrap();
+    assert_eq!(ac.get_action_result(&action).await.unwrap(), result);
+
+    let e = load("mirrored: {backend_a: {memory: {max_size_bytes: 1MiB}}, backend_b: {memory: {max_size_bytes: 1MiB}}, max_concurrent_repairs: 0}").unwrap_err();
+    assert_eq!(e.path, "mirrored.max_concurrent_repairs", "{e}");
+    let e = load("mirrored: {backend_a: {memory: {max_size_bytes: 1MiB}}}").unwrap_err();
+    assert!(e.message.contains("backend_b"), "{e}");
 }
