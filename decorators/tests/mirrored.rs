@@ -256,7 +256,6 @@ async fn dropping_the_node_stops_its_repairs() {
 
 #[tokio::test]
 async fn config_trees_mirror_the_cas_and_the_action_cache() {
-    use blob_access::ActionCache;
     let load =
         |yaml: &str| blob_access_config::load_str(yaml, blob_access_config::Format::Yaml, "t.yaml");
     let yaml = "
