@@ -125,10 +125,11 @@ impl<T: BuildNode + ?Sized> BuildNode for Box<T> {
     }
 }
 
-/// The child nodes of a config node, named by their field, so that a tree can
+/// The child nodes of a config node, named by their place below it (a field,
+/// or e.g. `shards[2].backend` in a list), so that a tree can
 /// be checked (e.g. for kinds its storage type refuses) without building it.
 pub trait ChildNodes<N> {
-    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
+    fn child_nodes(&self) -> Vec<(String, &N)> {
         Vec::new()
     }
 }

@@ -77,7 +77,7 @@ macro_rules! nodes {
             }
 
             /// The nodes right below this one, named by their field.
-            pub fn child_nodes(&self) -> Vec<(&'static str, &Node)> {
+            pub fn child_nodes(&self) -> Vec<(String, &Node)> {
                 match self { $( Node::$variant(c) => ChildNodes::<Node>::child_nodes(c), )* }
             }
 
@@ -222,6 +222,10 @@ nodes! {
     "read_caching" => ReadCaching(blob_access_decorators::read_caching::ReadCachingConfig<Node>) in [Cas, ActionCache],
     /// Logs every failed call with its operation, digest, node path, code and duration.
     "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>) in [Cas, ActionCache],
+    /// Spreads blobs over shards by weighted rendezvous hashing of their digest (action digest in an action cache).
+    "sharding" => Sharding(blob_access_decorators::sharding::ShardingConfig<Node>) in [Cas, ActionCache],
+    /// Keeps every blob on two backends: writes to both, reads from either, repairs the side that lacks one.
+    "mirrored" => Mirrored(blob_access_decorators::mirrored::MirroredConfig<Node>) in [Cas, ActionCache],
     /// Serves an action result only if every blob it names is in the CAS (action cache only).
     "completeness_checking" => CompletenessChecking(blob_access_decorators::completeness_checking::CompletenessCheckingConfig<Node>) in [ActionCache],
 }

@@ -92,8 +92,8 @@ impl<N: BuildNode> BuildNode for CompletenessCheckingConfig<N> {
 }
 
 impl<N> ChildNodes<N> for CompletenessCheckingConfig<N> {
-    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
-        vec![("backend", &*self.backend)]
+    fn child_nodes(&self) -> Vec<(String, &N)> {
+        vec![("backend".into(), &*self.backend)]
     }
 }
 

@@ -142,8 +142,8 @@ impl<N: BuildNode> BuildNode for ErrorLoggingConfig<N> {
 }
 
 impl<N> ChildNodes<N> for ErrorLoggingConfig<N> {
-    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
-        vec![("backend", &*self.backend)]
+    fn child_nodes(&self) -> Vec<(String, &N)> {
+        vec![("backend".into(), &*self.backend)]
     }
 }
 

@@ -40,8 +40,8 @@ fn default_max_entries() -> usize {
 }
 
 impl<N> ChildNodes<N> for ExistenceCachingConfig<N> {
-    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
-        vec![("backend", &*self.backend)]
+    fn child_nodes(&self) -> Vec<(String, &N)> {
+        vec![("backend".into(), &*self.backend)]
     }
 }
 

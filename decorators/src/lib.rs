@@ -8,5 +8,7 @@
 pub mod completeness_checking;
 pub mod error_logging;
 pub mod existence_caching;
+pub mod mirrored;
 pub mod read_caching;
 pub mod resumable_grpc;
+pub mod sharding;

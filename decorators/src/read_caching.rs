@@ -89,8 +89,8 @@ impl<N: BuildNode> BuildNode for ReadCachingConfig<N> {
 }
 
 impl<N> ChildNodes<N> for ReadCachingConfig<N> {
-    fn child_nodes(&self) -> Vec<(&'static str, &N)> {
-        vec![("fast", &*self.fast), ("slow", &*self.slow)]
+    fn child_nodes(&self) -> Vec<(String, &N)> {
+        vec![("fast".into(), &*self.fast), ("slow".into(), &*self.slow)]
     }
 }
 

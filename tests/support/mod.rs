@@ -84,6 +84,17 @@ impl BuildGrid {
             self.dir.path().to_str().unwrap(),
         ]);
     }
+    /// Stops it and starts an empty one on the same port (a replaced server).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        self.dir = tempfile::tempdir().unwrap();
+        script(&[
+            "scripts/buildgrid.sh",
+            "start",
+            self.dir.path().to_str().unwrap(),
+            &self.port.to_string(),
+        ]);
+    }
 }
 
 impl Drop for BuildGrid {
