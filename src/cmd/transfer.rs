@@ -1,9 +1,11 @@
 //! `put`, `get` and `find-missing`: one-shot transfers through a config tree.
 
 use crate::progress::Ui;
-use blob_access::{util, BlobAccess, Digest, NodeMetrics, ReadRange};
+use blob_access::{upload, util, BlobAccess, Digest, NodeMetrics, ReadRange};
 use futures::StreamExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::process::ExitCode;
 use tokio::io::AsyncWriteExt;
 
@@ -12,23 +14,59 @@ pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
         .map_err(|e| format!("invalid digest {text:?}: {e}"))
 }
 
-pub async fn put(config: &Path, files: &[PathBuf], ui: &Ui) -> Result<ExitCode, String> {
+/// Hashes all files in parallel, asks the CAS once which blobs it lacks, and
+/// sends only those, `jobs` at a time; prints each file's digest in order.
+pub async fn put(
+    config: &Path,
+    files: &[PathBuf],
+    jobs: usize,
+    ui: &Ui,
+) -> Result<ExitCode, String> {
     let ba = super::open(config)?;
-    for f in files {
-        let digest = util::digest_file(f).await.map_err(|e| e.to_string())?;
-        let bar = ui.bar(digest.size_bytes(), &f.display().to_string());
-        let file = tokio::fs::File::open(f)
-            .await
-            .map_err(|e| format!("{}: {e}", f.display()))?;
-        let counted = util::file_stream(file)
-            .inspect(move |c| {
-                if let Ok(c) = c {
-                    bar.inc(c.len() as u64)
-                }
-            })
-            .boxed();
-        ba.put(&digest, counted).await.map_err(|e| e.to_string())?;
-        println!("{digest}");
+    let started = std::time::Instant::now();
+    let total: u64 = files.len() as u64;
+    let bar = ui.bar(0, "put");
+    let hashed = AtomicU64::new(0);
+    let sent = AtomicU64::new(0);
+    let progress = |p: upload::Progress| match p {
+        upload::Progress::Hashed(bytes) => {
+            let n = hashed.fetch_add(1, Ordering::Relaxed) + 1;
+            bar.inc_length(bytes);
+            bar.inc(bytes);
+            bar.set_message(format!("hashed {n}/{total} files"));
+        }
+        upload::Progress::Missing { files, bytes } => {
+            bar.set_position(0);
+            bar.set_length(bytes);
+            bar.set_message(format!("sending 0/{files} missing files"));
+        }
+        upload::Progress::Sent(bytes) => {
+            let n = sent.fetch_add(1, Ordering::Relaxed) + 1;
+            bar.inc(bytes);
+            bar.set_message(format!("sent {n} missing files"));
+        }
+    };
+    let report = upload::put_files(&*ba, files, jobs, &progress)
+        .await
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for d in &report.digests {
+        writeln!(out, "{d}").map_err(|e| format!("writing to stdout: {e}"))?;
+    }
+    out.flush()
+        .map_err(|e| format!("writing to stdout: {e}"))?;
+    if !ui.quiet() {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let bytes: u64 = report.digests.iter().map(|d| d.size_bytes()).sum();
+        eprintln!(
+            "put {total} files ({bytes} bytes) in {secs:.2}s ({:.0} files/s, {:.1} MiB/s): \
+             {} blobs ({} bytes) sent, the rest already stored",
+            total as f64 / secs,
+            bytes as f64 / (1 << 20) as f64 / secs,
+            report.sent_blobs,
+            report.sent_bytes,
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
