@@ -13,10 +13,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
-/// Batches on the wire at once per node. Measured on the 10,000-file tree
-/// (benches/tree_transfer.rs): one in flight leaves the server idle while a
-/// batch travels; a few keep both ends busy.
-pub(super) const MAX_IN_FLIGHT: usize = 4;
+/// Batches on the wire at once per node: one being answered while the next
+/// fills. Measured on 10,000 files of 1-16 KiB over loopback (2 cores, best
+/// of 5): 1, 2, 4, 8 in flight fetched in 0.82, 0.80, 0.87, 0.75 s and put
+/// in 1.43, 1.00, 1.32, 1.16 s; more only splits the same work into
+/// smaller batches.
+pub(super) const MAX_IN_FLIGHT: usize = 2;
 
 /// Room counted per blob for its digest and framing in a batch message.
 pub(super) const PER_BLOB_OVERHEAD: u64 = 256;
