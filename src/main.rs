@@ -55,8 +55,7 @@ enum Command {
     FindMissing {
         #[arg(short, long)]
         config: PathBuf,
-        /// HASH/SIZE...
-        #[arg(required = true)]
+        /// HASH/SIZE... ; none (or `-`) reads them from stdin, one a line.
         digests: Vec<String>,
     },
     /// The main job on embedded defaults: a large blob read through a proxy that

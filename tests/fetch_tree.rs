@@ -388,14 +388,22 @@ fn quiet_prints_nothing_and_jobs_must_be_positive() {
 fn traced_syncs(cas: &Cas, root: &Digest, out: &Path, extra: &[&str]) -> Option<(usize, usize)> {
     let log = out.with_extension("strace");
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs", "-e", "signal=none", "-o"])
-        .arg(&log)
-        .arg(bin())
-        .args(["fetch-tree", "-q", "--config"])
-        .arg(&cas.config)
-        .args(extra)
-        .arg(root.to_string())
-        .arg(out);
+    cmd.args([
+        "-f",
+        "-qq",
+        "-e",
+        "trace=fsync,fdatasync,syncfs",
+        "-e",
+        "signal=none",
+        "-o",
+    ])
+    .arg(&log)
+    .arg(bin())
+    .args(["fetch-tree", "-q", "--config"])
+    .arg(&cas.config)
+    .args(extra)
+    .arg(root.to_string())
+    .arg(out);
     let o = cmd.output().ok()?;
     if !o.status.success() {
         let err = stderr(&o);

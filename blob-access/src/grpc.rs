@@ -19,8 +19,8 @@ use crate::proto::{
 use crate::resource::{Compressor, ReadResource, WriteResource};
 use crate::verify::verify;
 use crate::{BlobAccess, BlobStream, Code, Digest, Error, NodeMetrics, ReadRange, Result};
-use bytes::{Bytes, BytesMut};
 use batch::Coalescer;
+use bytes::{Bytes, BytesMut};
 use futures::future::Either;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
@@ -144,12 +144,7 @@ impl GrpcBlobAccess {
     }
 
     /// Reads a small blob into memory (verified) and sends it in a batch.
-    async fn batch_update(
-        &self,
-        digest: &Digest,
-        data: BlobStream,
-        limit: u64,
-    ) -> Result<()> {
+    async fn batch_update(&self, digest: &Digest, data: BlobStream, limit: u64) -> Result<()> {
         let mut buf = BytesMut::with_capacity(digest.size_bytes() as usize);
         let mut s = verify(digest, ReadRange::FULL, self.conn.name(), data);
         while let Some(c) = s.next().await {
@@ -379,7 +374,9 @@ fn match_responses<T>(
                 found.insert(d, result);
             }
             _ => {
-                let shown = digest.map_or("no digest".into(), |d| format!("{}/{}", d.hash, d.size_bytes));
+                let shown = digest.map_or("no digest".into(), |d| {
+                    format!("{}/{}", d.hash, d.size_bytes)
+                });
                 return Err(Error::internal(format!(
                     "{call} answered for {shown}, which was not asked for (or twice): response rejected"
                 )));
@@ -388,7 +385,9 @@ fn match_responses<T>(
     }
     for d in asked {
         found.entry(d.clone()).or_insert_with(|| {
-            Err(Error::internal(format!("{call} answered without this blob")))
+            Err(Error::internal(format!(
+                "{call} answered without this blob"
+            )))
         });
     }
     Ok(found)

@@ -58,7 +58,11 @@ async fn concurrent_small_gets_and_puts_share_batch_calls() {
     assert!((1..300).contains(&updates), "{updates} batch updates");
 
     let gets = blobs.iter().map(|(_, d)| read(&ba, d));
-    for (r, (data, _)) in futures::future::join_all(gets).await.into_iter().zip(&blobs) {
+    for (r, (data, _)) in futures::future::join_all(gets)
+        .await
+        .into_iter()
+        .zip(&blobs)
+    {
         assert_eq!(&r.unwrap(), data);
     }
     let reads = counter(&ba, "batch_reads");
@@ -70,7 +74,10 @@ async fn concurrent_small_gets_and_puts_share_batch_calls() {
 #[tokio::test]
 async fn blobs_above_the_batch_limit_go_through_bytestream() {
     let server = start(ServerConfig::default()).await;
-    let ba = node(&server.url, serde_json::json!({"max_batch_size_bytes": "1KiB"}));
+    let ba = node(
+        &server.url,
+        serde_json::json!({"max_batch_size_bytes": "1KiB"}),
+    );
     let (small, ds) = blob(1000, 1);
     let (large, dl) = blob(5000, 2);
     let (a, b) = futures::join!(
@@ -191,13 +198,12 @@ impl ContentAddressableStorage for FakeCas {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let asked = request.into_inner().digests;
-        let answer = |d: &blob_access::proto::Digest, data: Vec<u8>| {
-            batch_read_blobs_response::Response {
+        let answer =
+            |d: &blob_access::proto::Digest, data: Vec<u8>| batch_read_blobs_response::Response {
                 digest: Some(d.clone()),
                 data,
                 ..Default::default()
-            }
-        };
+            };
         // The blobs of this fake are `blob(size, 7)`.
         let real = |d: &blob_access::proto::Digest| blob(d.size_bytes as usize, 7).0.to_vec();
         let mut responses: Vec<_> = match self.0 {

@@ -81,7 +81,12 @@ async fn present_and_repeated_blobs_are_not_sent_again() {
     assert_eq!(report.sent_blobs, 10);
     assert_eq!(hashed.load(Ordering::SeqCst), 30);
     assert_eq!(sent.load(Ordering::SeqCst), 10);
-    assert!(cas.inner.find_missing(&report.digests).await.unwrap().is_empty());
+    assert!(cas
+        .inner
+        .find_missing(&report.digests)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

@@ -146,7 +146,7 @@ async fn walk(
                 })
                 .collect::<Vec<_>>();
         let fetched: Vec<_> = futures::stream::iter(fetches)
-            .buffer_unordered(jobs)
+            .buffer_unordered(jobs.max(SMALL_JOBS))
             .try_collect()
             .await?;
         known.extend(fetched);
@@ -215,7 +215,12 @@ const SMALL_FILE: u64 = 1 << 20;
 const SMALL_JOBS: usize = 256;
 
 /// Writes `data` to `to` atomically (temp file beside it, renamed), with `mode`.
-fn write_file(to: &Path, data: &[u8], mode: std::fs::Permissions, fsync: bool) -> std::io::Result<()> {
+fn write_file(
+    to: &Path,
+    data: &[u8],
+    mode: std::fs::Permissions,
+    fsync: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = temp_beside(to);
     let written = (|| {
@@ -238,7 +243,12 @@ fn write_file(to: &Path, data: &[u8], mode: std::fs::Permissions, fsync: bool) -
 }
 
 /// Copies a fetched file to `to` atomically, with `mode`.
-fn copy_file(from: &Path, to: &Path, mode: std::fs::Permissions, fsync: bool) -> std::io::Result<()> {
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    mode: std::fs::Permissions,
+    fsync: bool,
+) -> std::io::Result<()> {
     let tmp = temp_beside(to);
     let copied = (|| {
         std::fs::copy(from, &tmp)?;

@@ -5,8 +5,8 @@ use blob_access::{upload, util, BlobAccess, Digest, NodeMetrics, ReadRange};
 use futures::StreamExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt;
 
 pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
@@ -54,8 +54,7 @@ pub async fn put(
     for d in &report.digests {
         writeln!(out, "{d}").map_err(|e| format!("writing to stdout: {e}"))?;
     }
-    out.flush()
-        .map_err(|e| format!("writing to stdout: {e}"))?;
+    out.flush().map_err(|e| format!("writing to stdout: {e}"))?;
     if !ui.quiet() {
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let bytes: u64 = report.digests.iter().map(|d| d.size_bytes()).sum();
@@ -123,13 +122,29 @@ fn report(ba: &dyn BlobAccess, digest: &Digest, elapsed: std::time::Duration) {
 }
 
 pub async fn find_missing(config: &Path, digests: &[String]) -> Result<ExitCode, String> {
-    let digests = digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let from_stdin;
+    let digests = if digests.is_empty() || digests == ["-"] {
+        // More digests than a command line holds (100,000 are 7 MB).
+        from_stdin = std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("reading digests from stdin: {e}"))?;
+        from_stdin
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(parse_digest)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        digests
+            .iter()
+            .map(|d| parse_digest(d))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let ba = super::open(config)?;
-    for d in ba.find_missing(&digests).await.map_err(|e| e.to_string())? {
-        println!("{d}");
+    let missing = ba.find_missing(&digests).await.map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for d in missing {
+        writeln!(out, "{d}").map_err(|e| format!("writing to stdout: {e}"))?;
     }
+    out.flush().map_err(|e| format!("writing to stdout: {e}"))?;
     Ok(ExitCode::SUCCESS)
 }
