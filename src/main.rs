@@ -29,12 +29,17 @@ enum Command {
     },
     /// Print the JSON Schema of config files.
     Schema,
-    /// Upload files; prints HASH/SIZE of each on stdout.
+    /// Upload files; prints HASH/SIZE of each on stdout, in order. Files are
+    /// hashed in parallel and only the blobs the CAS lacks are sent (one
+    /// FindMissingBlobs first); a summary goes to stderr unless --quiet.
     Put {
         #[arg(short, long)]
         config: PathBuf,
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Files sent at once (a `grpc` node batches small ones together).
+        #[arg(short, long, default_value_t = 64, value_parser = at_least_one)]
+        jobs: usize,
     },
     /// Download a blob to a file (atomically) or to stdout.
     Get {
@@ -50,8 +55,7 @@ enum Command {
     FindMissing {
         #[arg(short, long)]
         config: PathBuf,
-        /// HASH/SIZE...
-        #[arg(required = true)]
+        /// HASH/SIZE... ; none (or `-`) reads them from stdin, one a line.
         digests: Vec<String>,
     },
     /// The main job on embedded defaults: a large blob read through a proxy that
@@ -77,9 +81,14 @@ enum Command {
         /// Created if absent. After a failure it may hold part of the tree, but
         /// never a partially written file.
         outdir: PathBuf,
-        /// Files (and Directory messages) downloaded at once.
+        /// Large files (over 1 MiB) and Directory messages downloaded at once;
+        /// small files go 256 at a time (a `grpc` node batches them).
         #[arg(short, long, default_value_t = 8, value_parser = at_least_one)]
         jobs: usize,
+        /// Also fsync each file before renaming it into place (slower); by
+        /// default the filesystem is synced once at the end.
+        #[arg(long)]
+        fsync: bool,
     },
     /// Serve a config's trees as a REAPI remote cache (ContentAddressableStorage,
     /// ByteStream, ActionCache, Capabilities) for Bazel and other build tools.
@@ -167,7 +176,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Validate { files } => cmd::validate::run(&files),
             Command::Schema => cmd::validate::schema(),
-            Command::Put { config, files } => cmd::transfer::put(&config, &files, &ui).await,
+            Command::Put {
+                config,
+                files,
+                jobs,
+            } => cmd::transfer::put(&config, &files, jobs, &ui).await,
             Command::Get {
                 config,
                 digest,
@@ -193,7 +206,8 @@ fn main() -> ExitCode {
                 digest,
                 outdir,
                 jobs,
-            } => cmd::fetch_tree::run(&config, &digest, &outdir, jobs, &ui).await,
+                fsync,
+            } => cmd::fetch_tree::run(&config, &digest, &outdir, jobs, fsync, &ui).await,
             Command::Serve {
                 config,
                 listen,

@@ -171,3 +171,56 @@ fn validate_reports_file_line_column_and_path() {
     .unwrap();
     assert_eq!(schema, checked_in);
 }
+
+#[test]
+fn put_of_many_files_sends_only_what_is_missing_and_find_missing_reads_stdin() {
+    let serve = Serve::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", serve.port);
+    let c = config.to_str().unwrap();
+    let files: Vec<String> = (0..200)
+        .map(|i| {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, format!("many {i}\n").repeat(i + 1)).unwrap();
+            p.to_str().unwrap().to_string()
+        })
+        .collect();
+    // Half of them first; then all: only the other half is sent.
+    let put = |files: &[String]| {
+        let mut args = vec!["put", "--config", c];
+        args.extend(files.iter().map(String::as_str));
+        let out = cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digests = String::from_utf8(out.stdout).unwrap();
+        (digests, String::from_utf8(out.stderr).unwrap())
+    };
+    let (_, summary) = put(&files[..100]);
+    assert!(summary.contains("100 blobs"), "{summary}");
+    let (digests, summary) = put(&files);
+    assert!(
+        summary.contains("put 200 files") && summary.contains(": 100 blobs"),
+        "{summary}"
+    );
+    let digests: Vec<&str> = digests.lines().collect();
+    for (d, f) in digests.iter().zip(&files) {
+        assert_eq!(*d, expected_digest(Path::new(f)));
+    }
+    assert_eq!(digests.len(), 200);
+
+    let absent = "0".repeat(64) + "/5";
+    let mut child = std::process::Command::new(bin())
+        .args(["find-missing", "--config", c])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{}\n{absent}\n", digests.join("\n"));
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), absent);
+}

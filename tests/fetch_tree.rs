@@ -382,3 +382,82 @@ fn quiet_prints_nothing_and_jobs_must_be_positive() {
     let o = cas.fetch_with(&root, &out, &["--jobs", "0"]);
     assert!(!o.status.success());
 }
+
+/// fsync-family calls a fetch-tree run makes, from `strace` (None when strace
+/// cannot run here): (fsync + fdatasync calls, syncfs calls).
+fn traced_syncs(cas: &Cas, root: &Digest, out: &Path, extra: &[&str]) -> Option<(usize, usize)> {
+    let log = out.with_extension("strace");
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-e",
+        "trace=fsync,fdatasync,syncfs",
+        "-e",
+        "signal=none",
+        "-o",
+    ])
+    .arg(&log)
+    .arg(bin())
+    .args(["fetch-tree", "-q", "--config"])
+    .arg(&cas.config)
+    .args(extra)
+    .arg(root.to_string())
+    .arg(out);
+    let o = cmd.output().ok()?;
+    if !o.status.success() {
+        let err = stderr(&o);
+        // No strace, or no ptrace in this sandbox.
+        if !log.exists() || err.contains("ptrace") {
+            return None;
+        }
+        panic!("fetch-tree under strace failed: {err}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let count = |call: &str| text.lines().filter(|l| l.contains(call)).count();
+    Some((count("fsync(") + count("fdatasync("), count("syncfs(")))
+}
+
+#[test]
+fn files_are_not_fsynced_one_by_one_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    let n = 40;
+    let files: Vec<FileNode> = (0..n)
+        .map(|i| {
+            let d = cas.put(format!("file {i}\n").repeat(i + 1));
+            file(&format!("f{i:02}"), &d, i % 3 == 0)
+        })
+        .collect();
+    let root = cas.put_dir(&Directory {
+        files,
+        ..Default::default()
+    });
+    let check = |out: &Path| {
+        for i in 0..n {
+            let p = out.join(format!("f{i:02}"));
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                format!("file {i}\n").repeat(i + 1).as_bytes()
+            );
+            assert_eq!(mode(&p), if i % 3 == 0 { 0o755 } else { 0o644 });
+        }
+        assert_no_temp_files(out);
+    };
+    let plain = tmp.path().join("plain");
+    let synced = tmp.path().join("synced");
+    let Some((fsyncs, syncfs)) = traced_syncs(&cas, &root, &plain, &[]) else {
+        eprintln!("strace cannot run here; checking the files only");
+        for (out, extra) in [(&plain, &[][..]), (&synced, &["--fsync"][..])] {
+            let o = cas.fetch_with(&root, out, extra);
+            assert!(o.status.success(), "{}", stderr(&o));
+            check(out);
+        }
+        return;
+    };
+    check(&plain);
+    assert_eq!((fsyncs, syncfs), (0, 1), "by default: one syncfs, no fsync");
+    let (fsyncs, _) = traced_syncs(&cas, &root, &synced, &["--fsync"]).unwrap();
+    check(&synced);
+    assert!(fsyncs >= n, "--fsync: {fsyncs} fsyncs for {n} files");
+}

@@ -98,6 +98,25 @@ pub struct Served {
 }
 
 impl Served {
+    /// `serve` over memory with nothing stored (`digest` is the empty blob's).
+    pub fn empty() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .spawn()
+            .unwrap();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Served {
+            child,
+            port,
+            digest: Digest::of(b""),
+            dir,
+        }
+    }
+
     pub fn start(mib: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let blob = dir.path().join("blob");

@@ -3,6 +3,7 @@
 //! stream through ByteStream. Every read is verified; a stream cut in the
 //! middle is an error here (`resumable_grpc` is the node that resumes).
 
+mod batch;
 mod config;
 mod connection;
 mod credential_helper;
@@ -19,9 +20,12 @@ use crate::proto::{
 use crate::resource::{Compressor, ReadResource, WriteResource};
 use crate::verify::verify;
 use crate::{BlobAccess, BlobStream, Code, Digest, Error, NodeMetrics, ReadRange, Result};
+use batch::Coalescer;
 use bytes::{Bytes, BytesMut};
 use futures::future::Either;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Digests per FindMissingBlobs request, far below any server's message limit.
 const FIND_MISSING_BATCH: usize = 10_000;
@@ -33,19 +37,38 @@ const COUNTERS: &[&str] = &[
     "bytes_read",
     "bytes_written",
     "errors",
+    "batch_reads",
+    "batch_updates",
+    "bytestream_reads",
+    "bytestream_writes",
 ];
 
 /// See the module documentation.
 pub struct GrpcBlobAccess {
     conn: GrpcConnection,
-    counters: std::sync::Arc<Counters>,
+    counters: Arc<Counters>,
+    /// Small full reads, coalesced into BatchReadBlobs calls.
+    reads: Arc<Coalescer<Digest, Bytes>>,
+    /// Small writes, coalesced into BatchUpdateBlobs calls.
+    updates: Arc<Coalescer<(Digest, Bytes), ()>>,
 }
 
 impl GrpcBlobAccess {
     pub fn new(conn: GrpcConnection) -> Self {
+        let counters = Arc::new(Counters::new(COUNTERS));
+        let (c, n) = (conn.clone(), counters.clone());
+        let reads = Coalescer::new(Arc::new(move |digests| {
+            Self::read_batch(c.clone(), n.clone(), digests).boxed()
+        }));
+        let (c, n) = (conn.clone(), counters.clone());
+        let updates = Coalescer::new(Arc::new(move |blobs| {
+            Self::update_batch(c.clone(), n.clone(), blobs).boxed()
+        }));
         GrpcBlobAccess {
             conn,
-            counters: std::sync::Arc::new(Counters::new(COUNTERS)),
+            counters,
+            reads,
+            updates,
         }
     }
 
@@ -62,25 +85,51 @@ impl GrpcBlobAccess {
         }
     }
 
-    async fn batch_read(conn: GrpcConnection, digest: Digest) -> Result<Bytes> {
+    /// One BatchReadBlobs call for `digests`; answers each, in order. The
+    /// bytes are verified by `get`, as any other read.
+    async fn read_batch(
+        conn: GrpcConnection,
+        counters: Arc<Counters>,
+        digests: Vec<Digest>,
+    ) -> Vec<Result<Bytes>> {
+        counters.inc("batch_reads");
+        let unique = distinct(digests.iter());
         let req = conn.request(BatchReadBlobsRequest {
             instance_name: conn.instance_name().to_string(),
-            digests: vec![digest.to_proto()],
+            digests: unique.iter().map(|d| d.to_proto()).collect(),
             ..Default::default()
         });
-        let resp = conn.cas_client().batch_read_blobs(req).await?.into_inner();
-        let r = resp
-            .responses
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::internal("BatchReadBlobs answered without a response"))?;
-        match r.status {
-            Some(s) if s.code != 0 => Err(Error::new(Code::from(s.code), s.message)),
-            _ => Ok(Bytes::from(r.data)),
-        }
+        let answered = match conn.cas_client().batch_read_blobs(req).await {
+            Ok(r) => r.into_inner().responses.into_iter().map(|r| {
+                let result = match (status_result(r.status), r.compressor) {
+                    (Ok(()), 0) => Ok(Bytes::from(r.data)),
+                    (Ok(()), c) => Err(Error::internal(format!(
+                        "the server answered with compressor {c}, which was not asked for"
+                    ))),
+                    (Err(e), _) => Err(e),
+                };
+                (r.digest, result)
+            }),
+            Err(s) => return vec![Err(Error::from(s)); digests.len()],
+        };
+        let found = match match_responses(&unique, answered, "BatchReadBlobs") {
+            Ok(found) => found,
+            Err(e) => return vec![Err(e.with_backend(conn.name())); digests.len()],
+        };
+        let named = |e: &Error, d| e.clone().with_backend(conn.name()).with_digest(d);
+        digests
+            .iter()
+            .map(|d| found[d].as_ref().cloned().map_err(|e| named(e, d)))
+            .collect()
     }
 
-    fn bytestream_read(conn: GrpcConnection, digest: Digest, range: ReadRange) -> BlobStream {
+    fn bytestream_read(
+        conn: GrpcConnection,
+        counters: Arc<Counters>,
+        digest: Digest,
+        range: ReadRange,
+    ) -> BlobStream {
+        counters.inc("bytestream_reads");
         futures::stream::once(async move {
             let resource = ReadResource::new(conn.instance_name(), Compressor::Identity, digest);
             let req = conn.request(ReadRequest {
@@ -95,31 +144,55 @@ impl GrpcBlobAccess {
         .boxed()
     }
 
-    async fn batch_update(conn: GrpcConnection, digest: Digest, data: BlobStream) -> Result<()> {
-        let digest = &digest;
+    /// Reads a small blob into memory (verified) and sends it in a batch.
+    async fn batch_update(&self, digest: &Digest, data: BlobStream, limit: u64) -> Result<()> {
         let mut buf = BytesMut::with_capacity(digest.size_bytes() as usize);
-        let mut s = verify(digest, ReadRange::FULL, conn.name(), data);
+        let mut s = verify(digest, ReadRange::FULL, self.conn.name(), data);
         while let Some(c) = s.next().await {
             buf.extend_from_slice(&c?);
         }
+        let size = digest.size_bytes();
+        self.updates
+            .call((digest.clone(), buf.freeze()), size, limit)
+            .await
+    }
+
+    /// One BatchUpdateBlobs call for `blobs`; answers each, in order.
+    async fn update_batch(
+        conn: GrpcConnection,
+        counters: Arc<Counters>,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        counters.inc("batch_updates");
+        let mut seen = HashSet::new();
+        let requests = blobs
+            .iter()
+            .filter(|(d, _)| seen.insert(d))
+            .map(|(d, data)| batch_update_blobs_request::Request {
+                digest: Some(d.to_proto()),
+                data: data.clone().into(),
+                ..Default::default()
+            })
+            .collect();
+        let unique = distinct(blobs.iter().map(|(d, _)| d));
         let req = conn.request(BatchUpdateBlobsRequest {
             instance_name: conn.instance_name().to_string(),
-            requests: vec![batch_update_blobs_request::Request {
-                digest: Some(digest.to_proto()),
-                data: buf.freeze().into(),
-                ..Default::default()
-            }],
+            requests,
             ..Default::default()
         });
-        let resp = conn
-            .cas_client()
-            .batch_update_blobs(req)
-            .await?
-            .into_inner();
-        match resp.responses.into_iter().next().and_then(|r| r.status) {
-            Some(s) if s.code != 0 => Err(Error::new(Code::from(s.code), s.message)),
-            _ => Ok(()),
-        }
+        let answered = match conn.cas_client().batch_update_blobs(req).await {
+            Ok(r) => r
+                .into_inner()
+                .responses
+                .into_iter()
+                .map(|r| (r.digest, status_result(r.status))),
+            Err(s) => return vec![Err(Error::from(s)); blobs.len()],
+        };
+        let found = match match_responses(&unique, answered, "BatchUpdateBlobs") {
+            Ok(found) => found,
+            Err(e) => return vec![Err(e); blobs.len()],
+        };
+        blobs.iter().map(|(d, _)| found[d].clone()).collect()
     }
 
     /// Streams the upload; if the data turns out wrong, the RPC is cancelled
@@ -179,17 +252,20 @@ impl BlobAccess for GrpcBlobAccess {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
         self.counters.inc("gets");
         let (conn, d, counters) = (self.conn.clone(), digest.clone(), self.counters.clone());
+        let reads = self.reads.clone();
         let raw = if digest.size_bytes() == 0 {
             // The empty blob needs no round trip.
             futures::stream::empty().boxed()
         } else {
+            let c = counters.clone();
             futures::stream::once(async move {
-                let small =
-                    range.is_full() && d.size_bytes() <= conn.batch_limit().await.unwrap_or(0);
-                Ok::<_, Error>(if small {
-                    futures::stream::once(Self::batch_read(conn, d)).boxed()
+                let limit = conn.batch_limit().await.unwrap_or(0);
+                let size = d.size_bytes();
+                Ok::<_, Error>(if range.is_full() && size <= limit {
+                    let read = async move { reads.call(d, size, limit).await };
+                    futures::stream::once(read).boxed()
                 } else {
-                    Self::bytestream_read(conn, d, range)
+                    Self::bytestream_read(conn, c, d, range)
                 })
             })
             .try_flatten()
@@ -213,10 +289,14 @@ impl BlobAccess for GrpcBlobAccess {
                 c?;
             }
             Ok(())
-        } else if digest.size_bytes() <= self.conn.batch_limit().await.unwrap_or(0) {
-            Self::batch_update(self.conn.clone(), digest.clone(), data).await
         } else {
-            Self::bytestream_write(self.conn.clone(), digest.clone(), data).await
+            let limit = self.conn.batch_limit().await.unwrap_or(0);
+            if digest.size_bytes() <= limit {
+                self.batch_update(digest, data, limit).await
+            } else {
+                self.counters.inc("bytestream_writes");
+                Self::bytestream_write(self.conn.clone(), digest.clone(), data).await
+            }
         };
         match result {
             Ok(()) => {
@@ -260,4 +340,56 @@ impl BlobAccess for GrpcBlobAccess {
     fn metrics(&self, out: &mut Vec<NodeMetrics>) {
         out.push(self.counters.snapshot(self.conn.name(), "grpc"));
     }
+}
+
+/// The distinct digests of `digests`, in order.
+fn distinct<'a>(digests: impl Iterator<Item = &'a Digest>) -> Vec<Digest> {
+    let mut seen = HashSet::new();
+    digests.filter(|d| seen.insert(*d)).cloned().collect()
+}
+
+/// A per-blob status of a batch response.
+fn status_result(status: Option<bazel_remote_apis::google::rpc::Status>) -> Result<()> {
+    match status {
+        Some(s) if s.code != 0 => Err(Error::new(Code::from(s.code), s.message)),
+        _ => Ok(()),
+    }
+}
+
+/// Pairs the per-blob answers of a batch call with the blobs asked for. An
+/// answer for a blob not asked for (or twice for one) rejects the whole
+/// response; a blob left unanswered is an error for that blob.
+fn match_responses<T>(
+    asked: &[Digest],
+    answered: impl Iterator<Item = (Option<crate::proto::Digest>, Result<T>)>,
+    call: &str,
+) -> Result<HashMap<Digest, Result<T>>> {
+    let asked_set: HashSet<&Digest> = asked.iter().collect();
+    let mut found = HashMap::with_capacity(asked.len());
+    for (digest, result) in answered {
+        let d = digest
+            .as_ref()
+            .and_then(|d| Digest::from_proto(crate::DigestFunction::Sha256, d).ok());
+        match d {
+            Some(d) if asked_set.contains(&d) && !found.contains_key(&d) => {
+                found.insert(d, result);
+            }
+            _ => {
+                let shown = digest.map_or("no digest".into(), |d| {
+                    format!("{}/{}", d.hash, d.size_bytes)
+                });
+                return Err(Error::internal(format!(
+                    "{call} answered for {shown}, which was not asked for (or twice): response rejected"
+                )));
+            }
+        }
+    }
+    for d in asked {
+        found.entry(d.clone()).or_insert_with(|| {
+            Err(Error::internal(format!(
+                "{call} answered without this blob"
+            )))
+        });
+    }
+    Ok(found)
 }

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod node;
 pub mod resource;
 pub mod server;
+pub mod upload;
 pub mod util;
 pub mod verify;
 

@@ -69,6 +69,20 @@ pub async fn write_to_file(
     ba: &dyn BlobAccess,
     digest: &Digest,
     path: &Path,
+    progress: impl FnMut(u64) + Send,
+) -> Result<()> {
+    write_to_file_with(ba, digest, path, true, progress).await
+}
+
+/// [`write_to_file`], with the fsync before the rename only if `fsync`: the
+/// rename alone still shows either nothing new or the whole blob to readers,
+/// but a crash may leave an empty file. For callers that write many files and
+/// sync the filesystem once at the end.
+pub async fn write_to_file_with(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    path: &Path,
+    fsync: bool,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<()> {
     let dir = match path.parent() {
@@ -90,7 +104,11 @@ pub async fn write_to_file(
         file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
         progress(chunk.len() as u64);
     }
-    file.sync_all().await.map_err(|e| io("syncing", e))?;
+    if fsync {
+        file.sync_all().await.map_err(|e| io("syncing", e))?;
+    } else {
+        file.flush().await.map_err(|e| io("writing", e))?;
+    }
     drop(file);
     tmp_path
         .persist(path)

@@ -6,11 +6,15 @@
 //! nodes). The walk goes level by level, fetching the `Directory` messages of a
 //! level several at once, each distinct digest once.
 //!
-//! Files are then fetched many at a time (`--jobs`), each distinct digest once
-//! (identical files are copied from the first), each verified by the `get`
-//! stream (size and digest) and written atomically: temp file, fsync, rename,
-//! then its mode. A file that exists therefore holds its whole verified content.
-//! Symlinks come last, so no file is written through a symlink of the tree.
+//! Files are then fetched many at a time, each distinct digest once, each
+//! verified by the `get` stream (size and digest) and written atomically: temp
+//! file with its mode, rename. A file that exists therefore holds its whole
+//! verified content. Small files are read whole, `SMALL_JOBS` at once (a
+//! `grpc` node coalesces them into batch calls) and written in one blocking
+//! call each; large ones stream, `--jobs` at once. Instead of an fsync per
+//! file, the filesystem is synced once at the end (`syncfs`); `--fsync` also
+//! syncs each file before its rename. Symlinks come last, so no file is
+//! written through a symlink of the tree.
 //!
 //! On failure OUTDIR may hold part of the tree (directories, some files, no
 //! symlinks), never a partial file; the error names the path in the tree and
@@ -142,7 +146,7 @@ async fn walk(
                 })
                 .collect::<Vec<_>>();
         let fetched: Vec<_> = futures::stream::iter(fetches)
-            .buffer_unordered(jobs)
+            .buffer_unordered(jobs.max(SMALL_JOBS))
             .try_collect()
             .await?;
         known.extend(fetched);
@@ -204,43 +208,137 @@ fn symlink(target: &str, path: &Path) -> std::io::Result<()> {
     })
 }
 
-/// Copies a fetched file to `to` atomically, with `mode`.
-async fn copy_file(from: &Path, to: &Path, mode: std::fs::Permissions) -> std::io::Result<()> {
+/// Files up to this size are fetched whole into memory and written in one go.
+const SMALL_FILE: u64 = 1 << 20;
+/// Small files in flight at once: at most `SMALL_JOBS` MiB in memory, and
+/// enough to fill batch calls.
+const SMALL_JOBS: usize = 256;
+
+/// Writes `data` to `to` atomically (temp file beside it, renamed), with `mode`.
+fn write_file(
+    to: &Path,
+    data: &[u8],
+    mode: std::fs::Permissions,
+    fsync: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = temp_beside(to);
-    let copied = async {
-        tokio::fs::copy(from, &tmp).await?;
-        tokio::fs::set_permissions(&tmp, mode).await?;
-        tokio::fs::File::open(&tmp).await?.sync_all().await?;
-        tokio::fs::rename(&tmp, to).await
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(mode)?;
+        if fsync {
+            f.sync_all()?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, to)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    .await;
+    written
+}
+
+/// Copies a fetched file to `to` atomically, with `mode`.
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    mode: std::fs::Permissions,
+    fsync: bool,
+) -> std::io::Result<()> {
+    let tmp = temp_beside(to);
+    let copied = (|| {
+        std::fs::copy(from, &tmp)?;
+        let f = std::fs::File::open(&tmp)?;
+        f.set_permissions(mode)?;
+        if fsync {
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, to)
+    })();
     if copied.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
+        let _ = std::fs::remove_file(&tmp);
     }
     copied
 }
 
-/// Fetches one blob into the first of `files` (all of the same digest) and
-/// copies it to the others.
-async fn fetch_files(
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("file thread failed: {e}"))?
+}
+
+/// Fetches one small blob into memory and writes it to each of `files` (all
+/// of the same digest).
+async fn fetch_small(
     cas: &dyn BlobAccess,
     out: &Path,
     files: &[&File],
+    fsync: bool,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), String> {
+    let first = files[0];
+    let size = first.digest.size_bytes();
+    let data = util::read_to_bytes(cas, &first.digest, ReadRange::FULL, size as usize)
+        .await
+        .map_err(|e| first.error(e))?;
+    let targets: Vec<_> = files
+        .iter()
+        .map(|f| (out.join(&f.path), f.mode(), f.error("writing")))
+        .collect();
+    blocking(move || {
+        for (path, mode, what) in targets {
+            write_file(&path, &data, mode, fsync).map_err(|e| format!("{what}: {e}"))?;
+        }
+        Ok(())
+    })
+    .await?;
+    bar.inc(size * files.len() as u64);
+    Ok(())
+}
+
+/// Streams one large blob into the first of `files` (all of the same digest)
+/// and copies it to the others.
+async fn fetch_large(
+    cas: &dyn BlobAccess,
+    out: &Path,
+    files: &[&File],
+    fsync: bool,
     bar: &indicatif::ProgressBar,
 ) -> Result<(), String> {
     let first = files[0];
     let first_path = out.join(&first.path);
-    util::write_to_file(cas, &first.digest, &first_path, |n| bar.inc(n))
+    util::write_to_file_with(cas, &first.digest, &first_path, fsync, |n| bar.inc(n))
         .await
         .map_err(|e| first.error(e))?;
     tokio::fs::set_permissions(&first_path, first.mode())
         .await
         .map_err(|e| first.error(format_args!("setting its mode: {e}")))?;
     for f in &files[1..] {
-        copy_file(&first_path, &out.join(&f.path), f.mode())
+        let (to, mode, from) = (out.join(&f.path), f.mode(), first_path.clone());
+        blocking(move || copy_file(&from, &to, mode, fsync).map_err(|e| e.to_string()))
             .await
             .map_err(|e| f.error(format_args!("copying from {}: {e}", first.path.display())))?;
         bar.inc(f.digest.size_bytes());
+    }
+    Ok(())
+}
+
+/// One `syncfs` of the filesystem holding `dir`: every file and rename above
+/// reaches the disk in one call rather than an fsync each.
+fn sync_filesystem(dir: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("syncing the filesystem of {}: {e}", dir.display()));
     }
     Ok(())
 }
@@ -250,8 +348,10 @@ pub async fn run(
     root: &str,
     out: &Path,
     jobs: usize,
+    fsync: bool,
     ui: &Ui,
 ) -> Result<ExitCode, String> {
+    let started = std::time::Instant::now();
     let jobs = jobs.max(1);
     let root = super::transfer::parse_digest(root)?;
     let cas = super::open(config)?;
@@ -269,26 +369,35 @@ pub async fn run(
     }
     let total: u64 = tree.files.iter().map(|f| f.digest.size_bytes()).sum();
     let bar = ui.bar(total, "fetch-tree");
-    let fetches = order
-        .iter()
-        .map(|d| fetch_files(&*cas, out, &by_digest[d], &bar));
-    futures::stream::iter(fetches)
+    let (small, large): (Vec<&Digest>, Vec<&Digest>) =
+        order.iter().partition(|d| d.size_bytes() <= SMALL_FILE);
+    let small = futures::stream::iter(small)
+        .map(|d| fetch_small(&*cas, out, &by_digest[d], fsync, &bar))
+        .buffer_unordered(SMALL_JOBS)
+        .try_collect::<()>();
+    let large = futures::stream::iter(large)
+        .map(|d| fetch_large(&*cas, out, &by_digest[d], fsync, &bar))
         .buffer_unordered(jobs)
-        .try_collect::<()>()
-        .await?;
+        .try_collect::<()>();
+    futures::try_join!(small, large)?;
     for (rel, target) in &tree.symlinks {
         symlink(target, &out.join(rel))
             .map_err(|e| format!("{}: creating a symlink to {target:?}: {e}", rel.display()))?;
     }
+    sync_filesystem(out)?;
     bar.finish_and_clear();
     if !ui.quiet() {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "fetched {root} into {}: {} directories, {} files ({total} bytes in {} distinct blobs), {} symlinks",
+            "fetched {root} into {}: {} directories, {} files ({total} bytes in {} distinct blobs), {} symlinks \
+             in {secs:.2}s ({:.0} files/s, {:.1} MiB/s)",
             out.display(),
             tree.dirs,
             tree.files.len(),
             order.len(),
             tree.symlinks.len(),
+            tree.files.len() as f64 / secs,
+            total as f64 / (1 << 20) as f64 / secs,
         );
     }
     Ok(ExitCode::SUCCESS)

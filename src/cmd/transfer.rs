@@ -1,10 +1,12 @@
 //! `put`, `get` and `find-missing`: one-shot transfers through a config tree.
 
 use crate::progress::Ui;
-use blob_access::{util, BlobAccess, Digest, NodeMetrics, ReadRange};
+use blob_access::{upload, util, BlobAccess, Digest, NodeMetrics, ReadRange};
 use futures::StreamExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt;
 
 pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
@@ -12,30 +14,58 @@ pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
         .map_err(|e| format!("invalid digest {text:?}: {e}"))
 }
 
-pub async fn put(config: &Path, files: &[PathBuf], ui: &Ui) -> Result<ExitCode, String> {
+/// Hashes all files in parallel, asks the CAS once which blobs it lacks, and
+/// sends only those, `jobs` at a time; prints each file's digest in order.
+pub async fn put(
+    config: &Path,
+    files: &[PathBuf],
+    jobs: usize,
+    ui: &Ui,
+) -> Result<ExitCode, String> {
     let ba = super::open(config)?;
-    for f in files {
-        let digest = util::digest_file(f).await.map_err(|e| e.to_string())?;
-        let bar = ui.bar(digest.size_bytes(), &f.display().to_string());
-        let started = std::time::Instant::now();
-        // Reopenable: a node that retries uploads may read the file again.
-        let source = util::reopenable_file(f);
-        let counted: blob_access::Reopen = std::sync::Arc::new(move || {
-            let bar = bar.clone();
+    let started = std::time::Instant::now();
+    let total: u64 = files.len() as u64;
+    let bar = ui.bar(0, "put");
+    let hashed = AtomicU64::new(0);
+    let sent = AtomicU64::new(0);
+    let progress = |p: upload::Progress| match p {
+        upload::Progress::Hashed(bytes) => {
+            let n = hashed.fetch_add(1, Ordering::Relaxed) + 1;
+            bar.inc_length(bytes);
+            bar.inc(bytes);
+            bar.set_message(format!("hashed {n}/{total} files"));
+        }
+        upload::Progress::Missing { files, bytes } => {
             bar.set_position(0);
-            source()
-                .inspect(move |c| {
-                    if let Ok(c) = c {
-                        bar.inc(c.len() as u64)
-                    }
-                })
-                .boxed()
-        });
-        ba.put_reopenable(&digest, counted)
-            .await
-            .map_err(|e| e.to_string())?;
-        put_report(&*ba, &digest, started.elapsed());
-        println!("{digest}");
+            bar.set_length(bytes);
+            bar.set_message(format!("sending 0/{files} missing files"));
+        }
+        upload::Progress::Sent(bytes) => {
+            let n = sent.fetch_add(1, Ordering::Relaxed) + 1;
+            bar.inc(bytes);
+            bar.set_message(format!("sent {n} missing files"));
+        }
+    };
+    let report = upload::put_files(&*ba, files, jobs, &progress)
+        .await
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for d in &report.digests {
+        writeln!(out, "{d}").map_err(|e| format!("writing to stdout: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("writing to stdout: {e}"))?;
+    if !ui.quiet() {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let bytes: u64 = report.digests.iter().map(|d| d.size_bytes()).sum();
+        eprintln!(
+            "put {total} files ({bytes} bytes) in {secs:.2}s ({:.0} files/s, {:.1} MiB/s): \
+             {} blobs ({} bytes) sent, the rest already stored",
+            total as f64 / secs,
+            bytes as f64 / (1 << 20) as f64 / secs,
+            report.sent_blobs,
+            report.sent_bytes,
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -91,29 +121,44 @@ fn report(ba: &dyn BlobAccess, digest: &Digest, elapsed: std::time::Duration) {
     );
 }
 
-/// With `-v`: what an upload took, including retries of resuming nodes.
-fn put_report(ba: &dyn BlobAccess, digest: &Digest, elapsed: std::time::Duration) {
+/// With `-v`: what the uploads took, including retries of resuming nodes.
+fn put_report(ba: &dyn BlobAccess, sent_bytes: u64, elapsed: std::time::Duration) {
     let mut metrics: Vec<NodeMetrics> = Vec::new();
     ba.metrics(&mut metrics);
     let sum = |name: &str| -> u64 { metrics.iter().filter_map(|m| m.get(name)).sum() };
     let (retries, restarts) = (sum("write_retries"), sum("write_restarts"));
-    let mib = digest.size_bytes() as f64 / (1 << 20) as f64;
+    let mib = sent_bytes as f64 / (1 << 20) as f64;
     tracing::info!(
-        digest = %digest,
-        "put {mib:.1} MiB in {:.2}s ({:.1} MiB/s), {retries} write_retries, {restarts} write_restarts",
+        "put: sent {mib:.1} MiB in {:.2}s ({:.1} MiB/s), {retries} write_retries, {restarts} write_restarts",
         elapsed.as_secs_f64(),
         mib / elapsed.as_secs_f64().max(1e-9),
     );
 }
 
 pub async fn find_missing(config: &Path, digests: &[String]) -> Result<ExitCode, String> {
-    let digests = digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let from_stdin;
+    let digests = if digests.is_empty() || digests == ["-"] {
+        // More digests than a command line holds (100,000 are 7 MB).
+        from_stdin = std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("reading digests from stdin: {e}"))?;
+        from_stdin
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(parse_digest)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        digests
+            .iter()
+            .map(|d| parse_digest(d))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let ba = super::open(config)?;
-    for d in ba.find_missing(&digests).await.map_err(|e| e.to_string())? {
-        println!("{d}");
+    let missing = ba.find_missing(&digests).await.map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for d in missing {
+        writeln!(out, "{d}").map_err(|e| format!("writing to stdout: {e}"))?;
     }
+    out.flush().map_err(|e| format!("writing to stdout: {e}"))?;
     Ok(ExitCode::SUCCESS)
 }
