@@ -91,6 +91,9 @@ impl fmt::Display for Error {
         }
         if let Some(d) = &self.digest {
             write!(f, ": blob {d}")?;
+            if !d.instance_name().is_empty() {
+                write!(f, " (instance {:?})", d.instance_name())?;
+            }
         }
         write!(f, ": {}", self.message)
     }

@@ -63,7 +63,7 @@ impl GrpcBlobAccess {
 
     async fn batch_read(conn: GrpcConnection, digest: Digest) -> Result<Bytes> {
         let req = conn.request(BatchReadBlobsRequest {
-            instance_name: conn.instance_name().to_string(),
+            instance_name: conn.instance_name_for(&digest),
             digests: vec![digest.to_proto()],
             ..Default::default()
         });
@@ -81,7 +81,8 @@ impl GrpcBlobAccess {
 
     fn bytestream_read(conn: GrpcConnection, digest: Digest, range: ReadRange) -> BlobStream {
         futures::stream::once(async move {
-            let resource = ReadResource::new(conn.instance_name(), Compressor::Identity, digest);
+            let instance = conn.instance_name_for(&digest);
+            let resource = ReadResource::new(&instance, Compressor::Identity, digest);
             let req = conn.request(ReadRequest {
                 resource_name: resource.to_string(),
                 read_offset: range.offset as i64,
@@ -102,7 +103,7 @@ impl GrpcBlobAccess {
             buf.extend_from_slice(&c?);
         }
         let req = conn.request(BatchUpdateBlobsRequest {
-            instance_name: conn.instance_name().to_string(),
+            instance_name: conn.instance_name_for(digest),
             requests: vec![batch_update_blobs_request::Request {
                 digest: Some(digest.to_proto()),
                 data: buf.freeze().into(),
@@ -130,7 +131,7 @@ impl GrpcBlobAccess {
     ) -> Result<()> {
         let size = digest.size_bytes();
         let resource =
-            WriteResource::new(conn.instance_name(), Compressor::Identity, digest.clone())
+            WriteResource::new(&conn.instance_name_for(&digest), Compressor::Identity, digest.clone())
                 .to_string();
         let mut verified = verify(&digest, ReadRange::FULL, conn.name(), data);
         // A channel rather than a boxed stream: tonic's client-streaming future
@@ -228,11 +229,38 @@ impl BlobAccess for GrpcBlobAccess {
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         self.counters.inc("find_missing");
-        let wanted: Vec<&Digest> = digests.iter().filter(|d| d.size_bytes() > 0).collect();
+        // One request per instance name (`serve` gives all of a call's the same).
+        let mut by_instance: Vec<(&str, Vec<&Digest>)> = Vec::new();
+        for d in digests.iter().filter(|d| d.size_bytes() > 0) {
+            match by_instance.iter_mut().find(|(i, _)| *i == d.instance_name()) {
+                Some((_, ds)) => ds.push(d),
+                None => by_instance.push((d.instance_name(), vec![d])),
+            }
+        }
         let mut missing = Vec::new();
+        for (instance, wanted) in &by_instance {
+            self.find_missing_of(instance, wanted, &mut missing).await?;
+        }
+        Ok(missing)
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(self.conn.name(), "grpc"));
+    }
+}
+
+impl GrpcBlobAccess {
+    /// Appends to `missing` those of `wanted` (all of `instance`) the server lacks.
+    async fn find_missing_of(
+        &self,
+        instance: &str,
+        wanted: &[&Digest],
+        missing: &mut Vec<Digest>,
+    ) -> Result<()> {
+        let upstream = crate::instance_name::join(self.conn.instance_name(), instance);
         for batch in wanted.chunks(FIND_MISSING_BATCH) {
             let req = self.conn.request(FindMissingBlobsRequest {
-                instance_name: self.conn.instance_name().to_string(),
+                instance_name: upstream.clone(),
                 blob_digests: batch.iter().map(|d| d.to_proto()).collect(),
                 ..Default::default()
             });
@@ -250,13 +278,9 @@ impl BlobAccess for GrpcBlobAccess {
                         None,
                     )
                 })?;
-                missing.push(d);
+                missing.push(d.with_instance_name(instance));
             }
         }
-        Ok(missing)
-    }
-
-    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
-        out.push(self.counters.snapshot(self.conn.name(), "grpc"));
+        Ok(())
     }
 }
