@@ -131,6 +131,14 @@ pub trait ChildNodes<N> {
     fn child_nodes(&self) -> Vec<(&'static str, &N)> {
         Vec::new()
     }
+
+    /// The children with their full path below this node, for nodes whose
+    /// children sit under keys of the config (`instance_name_prefixes."team-a".backend`);
+    /// by default, the field names of [`child_nodes`](Self::child_nodes).
+    fn named_child_nodes(&self) -> Vec<(String, &N)> {
+        let children = self.child_nodes();
+        children.into_iter().map(|(f, n)| (f.to_string(), n)).collect()
+    }
 }
 
 /// A snapshot of one node's counters.

@@ -81,6 +81,11 @@ macro_rules! nodes {
                 match self { $( Node::$variant(c) => ChildNodes::<Node>::child_nodes(c), )* }
             }
 
+            /// The nodes right below this one, with their path from here.
+            pub fn named_child_nodes(&self) -> Vec<(String, &Node)> {
+                match self { $( Node::$variant(c) => ChildNodes::<Node>::named_child_nodes(c), )* }
+            }
+
             fn deserialize_kind<'de, A: serde::de::MapAccess<'de>>(
                 kind: &str,
                 map: &mut A,
@@ -137,7 +142,7 @@ impl Node {
             );
             return Err((here, message));
         }
-        for (field, child) in self.child_nodes() {
+        for (field, child) in self.named_child_nodes() {
             child.check(storage, &format!("{here}.{field}"))?;
         }
         Ok(())
@@ -224,6 +229,8 @@ nodes! {
     "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>) in [Cas, ActionCache],
     /// Serves an action result only if every blob it names is in the CAS (action cache only).
     "completeness_checking" => CompletenessChecking(blob_access_decorators::completeness_checking::CompletenessCheckingConfig<Node>) in [ActionCache],
+    /// Routes each call by the longest instance-name prefix of its request to that prefix's backend.
+    "demultiplexing" => Demultiplexing(blob_access_decorators::demultiplexing::DemultiplexingConfig<Node>) in [Cas, ActionCache],
 }
 
 /// Loads a config file and builds its trees.
