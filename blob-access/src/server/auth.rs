@@ -362,7 +362,6 @@ mod tests {
     fn a_bad_line_names_file_and_line_but_not_the_token() {
         for (text, why) in [
             ("read r3ad0nly\nadmin s3cret\n", "expected `read TOKEN`"),
-            ("read r3ad0nly\nwrite s3cret extra\n", "no spaces"),
             ("read r3ad0nly\nwrite\n", "missing"),
         ] {
             let e = Tokens::parse(text, "tokens.txt").unwrap_err().to_string();
@@ -371,6 +370,33 @@ mod tests {
         }
         let e = Tokens::parse("# nothing\n", "t").unwrap_err().to_string();
         assert!(e.contains("no tokens"), "{e}");
+    }
+
+    #[test]
+    fn lines_may_be_limited_to_instance_name_prefixes() {
+        let text = "write t team-a team-b/ci\nread t\nread r team-b\n";
+        let t = Tokens::parse(text, "f").unwrap();
+        let (both, reader) = (t.grant(b"t").unwrap(), t.grant(b"r").unwrap());
+        for (instance, writer_may, reader_may) in [
+            ("team-a", Some(Permission::Write), None),
+            ("team-a/x", Some(Permission::Write), None),
+            ("team-ab", Some(Permission::Read), None),
+            ("team-b", Some(Permission::Read), Some(Permission::Read)),
+            ("team-b/ci/x", Some(Permission::Write), Some(Permission::Read)),
+            ("", Some(Permission::Read), None),
+        ] {
+            assert_eq!(both.permission_for(instance), writer_may, "{instance:?}");
+            assert_eq!(reader.permission_for(instance), reader_may, "{instance:?}");
+        }
+        let denied = |r: Result<(), Status>| r.unwrap_err().code();
+        assert_eq!(
+            denied(reader.check("team-b", Permission::Write)),
+            tonic::Code::PermissionDenied
+        );
+        let e = reader.check("team-c", Permission::Read).unwrap_err();
+        assert!(e.message().contains("\"team-c\""), "{e:?}");
+        let e = Tokens::parse("read s3cret team-a/\n", "f").unwrap_err().to_string();
+        assert!(e.contains("f:1: ") && e.contains("team-a/") && !e.contains("s3cret"), "{e}");
     }
 
     #[test]
