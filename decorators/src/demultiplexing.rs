@@ -16,6 +16,9 @@
 //!   untouched, and existing trees, callers and tests keep their signatures.
 //! - `find_missing` asks each backend once for its share (concurrently) and
 //!   answers with the caller's digests, instance names as asked.
+//! - `completeness_checking` looks for an action's outputs in the server's
+//!   whole CAS tree under the instance name it sees: put it above this node,
+//!   or below a route that keeps names as they are.
 //! - In an action cache tree, `update_enabled` holds only if every backend's
 //!   does (capabilities are the server's, not per instance, and Bazel fails a
 //!   build whose uploads a cache refuses).
