@@ -43,7 +43,8 @@ fn front_config(dir: &Path, a: u16, b: u16, action_cache: bool) -> PathBuf {
 /// A CLI config reaching `port` as `instance`.
 fn client_config(dir: &Path, port: u16, instance: &str) -> PathBuf {
     let path = dir.join(format!("client-{}.yaml", instance.replace('/', "_")));
-    let text = format!("grpc: {{endpoint: \"grpc://127.0.0.1:{port}\", instance_name: \"{instance}\"}}\n");
+    let text =
+        format!("grpc: {{endpoint: \"grpc://127.0.0.1:{port}\", instance_name: \"{instance}\"}}\n");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -94,13 +95,13 @@ fn blobs_go_to_their_teams_backend(front: &Serve, a: u16, b: u16) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         for d in [&small_a, &large_a] {
-            assert_eq!(has(a, "", d).await.unwrap(), true, "{d:?} in A");
-            assert_eq!(has(b, "", d).await.unwrap(), false, "{d:?} in B");
-            assert_eq!(has(front.port, "team-a", d).await.unwrap(), true);
-            assert_eq!(has(front.port, "team-b", d).await.unwrap(), false);
+            assert!(has(a, "", d).await.unwrap(), "{d:?} in A");
+            assert!(!has(b, "", d).await.unwrap(), "{d:?} in B");
+            assert!(has(front.port, "team-a", d).await.unwrap());
+            assert!(!has(front.port, "team-b", d).await.unwrap());
         }
-        assert_eq!(has(b, "", &small_b).await.unwrap(), true);
-        assert_eq!(has(a, "", &small_b).await.unwrap(), false);
+        assert!(has(b, "", &small_b).await.unwrap());
+        assert!(!has(a, "", &small_b).await.unwrap());
 
         let e = has(front.port, "team-c", &small_a).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -111,7 +112,12 @@ fn blobs_go_to_their_teams_backend(front: &Serve, a: u16, b: u16) {
     // The CLI says so too, naming the instance.
     let file = random_file(dir.path(), 10);
     let config = client_config(dir.path(), front.port, "team-c");
-    let out = cli(&["put".as_ref(), "--config".as_ref(), config.as_os_str(), file.as_os_str()]);
+    let out = cli(&[
+        "put".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        file.as_os_str(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("team-c"), "{err}");
 }
@@ -131,8 +137,8 @@ fn two_teams_on_two_serve_backends_blobs_and_action_results() {
         let file = random_file(dir.path(), 3000);
         let config = client_config(dir.path(), front.port, "team-b/ci");
         let d = proto_digest(&put_cli(&config, &file));
-        assert_eq!(has(b.port, "ci", &d).await.unwrap(), true);
-        assert_eq!(has(a.port, "", &d).await.unwrap(), false);
+        assert!(has(b.port, "ci", &d).await.unwrap());
+        assert!(!has(a.port, "", &d).await.unwrap());
 
         let ac = |port| async move { ActionCacheClient::new(channel(port).await) };
         let action = proto_digest(&format!("{}/12", "ab".repeat(32)));

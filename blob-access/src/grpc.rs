@@ -130,9 +130,12 @@ impl GrpcBlobAccess {
         data: BlobStream,
     ) -> Result<()> {
         let size = digest.size_bytes();
-        let resource =
-            WriteResource::new(&conn.instance_name_for(&digest), Compressor::Identity, digest.clone())
-                .to_string();
+        let resource = WriteResource::new(
+            &conn.instance_name_for(&digest),
+            Compressor::Identity,
+            digest.clone(),
+        )
+        .to_string();
         let mut verified = verify(&digest, ReadRange::FULL, conn.name(), data);
         // A channel rather than a boxed stream: tonic's client-streaming future
         // is only `Send` for concrete stream types.
@@ -232,7 +235,10 @@ impl BlobAccess for GrpcBlobAccess {
         // One request per instance name (`serve` gives all of a call's the same).
         let mut by_instance: Vec<(&str, Vec<&Digest>)> = Vec::new();
         for d in digests.iter().filter(|d| d.size_bytes() > 0) {
-            match by_instance.iter_mut().find(|(i, _)| *i == d.instance_name()) {
+            match by_instance
+                .iter_mut()
+                .find(|(i, _)| *i == d.instance_name())
+            {
                 Some((_, ds)) => ds.push(d),
                 None => by_instance.push((d.instance_name(), vec![d])),
             }

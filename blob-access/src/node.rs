@@ -137,7 +137,10 @@ pub trait ChildNodes<N> {
     /// by default, the field names of [`child_nodes`](Self::child_nodes).
     fn named_child_nodes(&self) -> Vec<(String, &N)> {
         let children = self.child_nodes();
-        children.into_iter().map(|(f, n)| (f.to_string(), n)).collect()
+        children
+            .into_iter()
+            .map(|(f, n)| (f.to_string(), n))
+            .collect()
     }
 }
 

@@ -55,7 +55,10 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub struct DemultiplexingConfig<N> {
     /// Where each instance-name prefix goes; `""` catches every name no other covers.
-    #[serde(deserialize_with = "prefixes", bound(deserialize = "N: serde::Deserialize<'de>"))]
+    #[serde(
+        deserialize_with = "prefixes",
+        bound(deserialize = "N: serde::Deserialize<'de>")
+    )]
     pub instance_name_prefixes: BTreeMap<String, RouteConfig<N>>,
 }
 
@@ -73,8 +76,9 @@ pub struct RouteConfig<N> {
 /// Why `prefix` cannot be an instance-name prefix, if it cannot.
 fn bad_prefix(prefix: &str) -> Option<&'static str> {
     let empty_part = prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//");
-    (empty_part && !prefix.is_empty())
-        .then_some("has an empty part (a leading, trailing or double `/`), so it would match nothing")
+    (empty_part && !prefix.is_empty()).then_some(
+        "has an empty part (a leading, trailing or double `/`), so it would match nothing",
+    )
 }
 
 fn prefixes<'de, D, N>(d: D) -> std::result::Result<BTreeMap<String, RouteConfig<N>>, D::Error>
@@ -91,7 +95,10 @@ where
     }
     for (prefix, route) in &map {
         let replacement = route.instance_name_prefix.as_deref().unwrap_or("");
-        for (what, p) in [("prefix", prefix.as_str()), ("its instance_name_prefix", replacement)] {
+        for (what, p) in [
+            ("prefix", prefix.as_str()),
+            ("its instance_name_prefix", replacement),
+        ] {
             if let Some(why) = bad_prefix(p) {
                 return Err(D::Error::custom(format!("{prefix:?}: {what} {p:?} {why}")));
             }
@@ -177,14 +184,18 @@ impl<T: ?Sized> Routes<T> {
         });
         // The longest prefix that matches is the most specific one.
         self.routes
-            .sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+            .sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     }
 
     /// The backend for `digest` and the digest as that backend must see it.
     fn route(&self, digest: &Digest) -> Result<(&Arc<T>, Digest)> {
         let instance = digest.instance_name();
         let Some(r) = self.routes.iter().find(|r| has_prefix(instance, &r.prefix)) else {
-            let known: Vec<String> = self.routes.iter().map(|r| format!("{:?}", r.prefix)).collect();
+            let known: Vec<String> = self
+                .routes
+                .iter()
+                .map(|r| format!("{:?}", r.prefix))
+                .collect();
             return Err(Error::invalid_argument(format!(
                 "unknown instance name {instance:?}: no instance-name prefix covers it (there are {})",
                 known.join(", ")
@@ -238,7 +249,10 @@ impl BlobAccess for Demultiplexing {
     }
 
     async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {
-        let (backend, d) = self.routes.route(digest).map_err(|e| e.with_digest(digest))?;
+        let (backend, d) = self
+            .routes
+            .route(digest)
+            .map_err(|e| e.with_digest(digest))?;
         backend.put(&d, data).await
     }
 
@@ -257,10 +271,18 @@ impl BlobAccess for Demultiplexing {
         }
         let asks = groups.into_iter().map(|(instance, ds)| async move {
             let (backend, _) = self.routes.route(&ds[0])?;
-            let routed: Vec<Digest> = ds.iter().map(|d| self.routes.route(d).map(|(_, d)| d)).collect::<Result<_>>()?;
+            let routed: Vec<Digest> = ds
+                .iter()
+                .map(|d| self.routes.route(d).map(|(_, d)| d))
+                .collect::<Result<_>>()?;
             let missing = backend.find_missing(&routed).await?;
             // Answered under the instance name the caller asked with.
-            Ok::<_, Error>(missing.iter().map(|d| d.with_instance_name(instance)).collect::<Vec<_>>())
+            Ok::<_, Error>(
+                missing
+                    .iter()
+                    .map(|d| d.with_instance_name(instance))
+                    .collect::<Vec<_>>(),
+            )
         });
         let answers = futures::future::try_join_all(asks).await?;
         Ok(answers.into_iter().flatten().collect())
@@ -301,12 +323,18 @@ impl DemultiplexingActionCache {
 #[async_trait::async_trait]
 impl ActionCache for DemultiplexingActionCache {
     async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
-        let (backend, a) = self.routes.route(action).map_err(|e| e.with_digest(action))?;
+        let (backend, a) = self
+            .routes
+            .route(action)
+            .map_err(|e| e.with_digest(action))?;
         backend.get_action_result(&a).await
     }
 
     async fn update_action_result(&self, action: &Digest, result: &ActionResult) -> Result<()> {
-        let (backend, a) = self.routes.route(action).map_err(|e| e.with_digest(action))?;
+        let (backend, a) = self
+            .routes
+            .route(action)
+            .map_err(|e| e.with_digest(action))?;
         backend.update_action_result(&a, result).await
     }
 

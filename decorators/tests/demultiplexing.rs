@@ -84,7 +84,10 @@ async fn an_instance_no_prefix_covers_is_invalid_argument_naming_it() {
     let e = node.put(&d, util::once(data)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let text = e.to_string();
-    assert!(text.contains("\"team-b/x\"") && text.contains("\"team-a\""), "{text}");
+    assert!(
+        text.contains("\"team-b/x\"") && text.contains("\"team-a\""),
+        "{text}"
+    );
     let e = util::read_to_bytes(&node, &d, ReadRange::FULL, 10)
         .await
         .unwrap_err();
@@ -149,7 +152,8 @@ async fn built_from_a_config_in_both_trees() {
         .put(&d.with_instance_name("team-a"), util::once(data))
         .await
         .unwrap();
-    assert!(storage.cas.find_missing(&[d.clone()]).await.unwrap() == vec![d.clone()]);
+    let missing = storage.cas.find_missing(std::slice::from_ref(&d)).await;
+    assert_eq!(missing.unwrap(), vec![d.clone()]);
     let ac = storage.action_cache.unwrap();
     let e = ac.get_action_result(&d).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
@@ -187,6 +191,8 @@ fn config_errors_name_the_place() {
         );
     }
     let empty = "demultiplexing: {instance_name_prefixes: {}}";
-    let e = load_str(empty, Format::Yaml, "f.yaml").unwrap_err().to_string();
+    let e = load_str(empty, Format::Yaml, "f.yaml")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no instance-name prefixes"), "{e}");
 }

@@ -382,7 +382,11 @@ mod tests {
             ("team-a/x", Some(Permission::Write), None),
             ("team-ab", Some(Permission::Read), None),
             ("team-b", Some(Permission::Read), Some(Permission::Read)),
-            ("team-b/ci/x", Some(Permission::Write), Some(Permission::Read)),
+            (
+                "team-b/ci/x",
+                Some(Permission::Write),
+                Some(Permission::Read),
+            ),
             ("", Some(Permission::Read), None),
         ] {
             assert_eq!(both.permission_for(instance), writer_may, "{instance:?}");
@@ -395,8 +399,13 @@ mod tests {
         );
         let e = reader.check("team-c", Permission::Read).unwrap_err();
         assert!(e.message().contains("\"team-c\""), "{e:?}");
-        let e = Tokens::parse("read s3cret team-a/\n", "f").unwrap_err().to_string();
-        assert!(e.contains("f:1: ") && e.contains("team-a/") && !e.contains("s3cret"), "{e}");
+        let e = Tokens::parse("read s3cret team-a/\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f:1: ") && e.contains("team-a/") && !e.contains("s3cret"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -125,13 +125,14 @@ impl Walk {
                     Err(s) => return Err(s),
                 };
                 for child in &dir.directories {
-                    let c = parse_digest_in(d.instance_name(), child.digest.as_ref()).map_err(|s| {
-                        Status::failed_precondition(format!(
-                            "directory {d}: subdirectory {:?}: {}",
-                            child.name,
-                            s.message()
-                        ))
-                    })?;
+                    let c =
+                        parse_digest_in(d.instance_name(), child.digest.as_ref()).map_err(|s| {
+                            Status::failed_precondition(format!(
+                                "directory {d}: subdirectory {:?}: {}",
+                                child.name,
+                                s.message()
+                            ))
+                        })?;
                     if self.queued.insert(c.clone()) {
                         self.pending.push_back(c);
                     }
