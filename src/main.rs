@@ -114,7 +114,8 @@ enum Command {
         #[arg(long)]
         action_cache_read_only: bool,
         /// Require `authorization: Bearer TOKEN` on every call but health checks:
-        /// FILE has one `read TOKEN` or `write TOKEN` a line (`#` comments); re-read on SIGHUP.
+        /// FILE has one `read TOKEN` or `write TOKEN` a line (`#` comments), optionally
+        /// followed by the instance-name prefixes it is limited to; re-read on SIGHUP.
         #[arg(long, value_name = "FILE")]
         auth_tokens: Option<PathBuf>,
         /// Serve a non-loopback TCP address without any authentication (no

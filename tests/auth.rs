@@ -86,6 +86,11 @@ struct Codes {
 }
 
 async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
+    try_everything_in(c, blob, "").await
+}
+
+/// As `try_everything`, every request naming `instance`.
+async fn try_everything_in(c: &mut Clients, blob: &[u8], instance: &str) -> (Codes, Option<bool>) {
     fn code<T>(r: Result<T, tonic::Status>) -> Code {
         r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
     }
@@ -98,18 +103,19 @@ async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
                     data: blob.to_vec(),
                     compressor: 0,
                 }],
+                instance_name: instance.into(),
                 ..Default::default()
             })
             .await,
     );
     let resource = format!(
-        "uploads/{}/blobs/{}/{}",
+        "{instance}/uploads/{}/blobs/{}/{}",
         uuid::Uuid::new_v4(),
         d.hash,
         d.size_bytes
     );
     let write = WriteRequest {
-        resource_name: resource,
+        resource_name: resource.trim_start_matches('/').to_string(),
         write_offset: 0,
         finish_write: true,
         data: blob.to_vec(),
@@ -122,6 +128,7 @@ async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
                 exit_code: 7,
                 ..Default::default()
             }),
+            instance_name: instance.into(),
             ..Default::default()
         })
         .await,
@@ -130,6 +137,7 @@ async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
         c.cas
             .find_missing_blobs(FindMissingBlobsRequest {
                 blob_digests: vec![d.clone()],
+                instance_name: instance.into(),
                 ..Default::default()
             })
             .await,
@@ -138,13 +146,16 @@ async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
         c.cas
             .batch_read_blobs(BatchReadBlobsRequest {
                 digests: vec![d.clone()],
+                instance_name: instance.into(),
                 ..Default::default()
             })
             .await,
     );
     let bytestream_read = code(
         c.bs.read(ReadRequest {
-            resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
+            resource_name: format!("{instance}/blobs/{}/{}", d.hash, d.size_bytes)
+                .trim_start_matches('/')
+                .to_string(),
             ..Default::default()
         })
         .await,
@@ -152,13 +163,16 @@ async fn try_everything(c: &mut Clients, blob: &[u8]) -> (Codes, Option<bool>) {
     let get_action_result = code(
         c.ac.get_action_result(GetActionResultRequest {
             action_digest: Some(d.clone()),
+            instance_name: instance.into(),
             ..Default::default()
         })
         .await,
     );
     let caps = c
         .caps
-        .get_capabilities(GetCapabilitiesRequest::default())
+        .get_capabilities(GetCapabilitiesRequest {
+            instance_name: instance.into(),
+        })
         .await;
     let update_enabled = caps.as_ref().ok().map(|r| {
         r.get_ref()
@@ -193,6 +207,55 @@ fn all(code: Code) -> Codes {
         bytestream_write: code,
         update_action_result: code,
     }
+}
+
+#[test]
+fn tokens_limited_to_instance_name_prefixes() {
+    let (team, other) = (secret("team"), secret("other"));
+    let dir = tempfile::tempdir().unwrap();
+    // `team` writes team-a (and below), reads team-b; `other` reads everything.
+    let file = tokens_file(
+        dir.path(),
+        &format!("write {team} team-a\nread {team} team-b\nread {other}\n"),
+    );
+    let serve = Serve::start_with(None, &["--auth-tokens", file.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut t = clients(serve.port, Some(&team)).await;
+        for instance in ["team-a", "team-a/ci"] {
+            let got = try_everything_in(&mut t, b"team blob", instance).await;
+            assert_eq!(got, (all(Code::Ok), Some(true)), "{instance}");
+        }
+        // Reading team-b: the blob (content is shared), not team-a's action result.
+        let (codes, update_enabled) = try_everything_in(&mut t, b"team blob", "team-b").await;
+        let expected = Codes {
+            batch_update: Code::PermissionDenied,
+            bytestream_write: Code::PermissionDenied,
+            update_action_result: Code::PermissionDenied,
+            get_action_result: Code::NotFound,
+            ..all(Code::Ok)
+        };
+        assert_eq!((codes, update_enabled), (expected, Some(false)));
+        for instance in ["", "team-ab", "team-c"] {
+            let got = try_everything_in(&mut t, b"team blob", instance).await;
+            assert_eq!(got, (all(Code::PermissionDenied), None), "{instance:?}");
+        }
+        let e = t
+            .caps
+            .get_capabilities(GetCapabilitiesRequest {
+                instance_name: "team-c".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("\"team-c\""), "{e:?}");
+        // A token without prefixes reads every instance, writes none.
+        let mut o = clients(serve.port, Some(&other)).await;
+        let (codes, _) = try_everything_in(&mut o, b"team blob", "team-a/ci").await;
+        assert_eq!(
+            (codes.get_action_result, codes.bytestream_write),
+            (Code::Ok, Code::PermissionDenied)
+        );
+    });
 }
 
 fn tokens_file(dir: &Path, text: &str) -> std::path::PathBuf {
@@ -336,8 +399,8 @@ fn sighup_rereads_tokens_and_a_bad_file_keeps_the_old_ones() {
     assert_eq!(find_missing(&new), Ok(()));
     assert_eq!(find_missing(&old), Err(Code::Unauthenticated));
 
-    // A broken file (here a line with a token and more) changes nothing.
-    std::fs::write(&file, format!("read {old} {old}\n")).unwrap();
+    // A broken file (here a line with an unknown permission) changes nothing.
+    std::fs::write(&file, format!("admin {old}\n")).unwrap();
     serve.signal("HUP");
     serve.wait_for_log("keeping the previous tokens");
     assert!(

@@ -3,6 +3,7 @@
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The hash function of a digest. REAPI servers advertise the ones they accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -55,7 +56,17 @@ impl Hasher {
     }
 }
 
-/// A blob's identity: the hash of its content and its size in bytes.
+/// A blob's identity: the hash of its content and its size in bytes, plus the
+/// REAPI instance name of the request it came with (empty by default).
+///
+/// The instance name travels with the digest, as in bb-storage, so that every
+/// decorator passes it through untouched and only the nodes it matters to look
+/// at it: `demultiplexing` routes by it, `grpc` sends it upstream, action caches
+/// keep results per instance. It takes part in equality, hashing and ordering,
+/// so a cache keyed by digests never answers one instance with what it learnt
+/// for another; stores of content (memory, disk) key by
+/// [`without_instance_name`](Digest::without_instance_name) since a blob's
+/// bytes are the same whatever the instance. `Display` shows `HASH/SIZE` only.
 ///
 /// ```
 /// use blob_access::Digest;
@@ -68,6 +79,8 @@ pub struct Digest {
     hash: String,
     size_bytes: u64,
     function: DigestFunction,
+    /// `None` for the empty (default) instance name, so that both compare equal.
+    instance_name: Option<Arc<str>>,
 }
 
 /// Why a digest could not be parsed.
@@ -111,6 +124,7 @@ impl Digest {
             hash,
             size_bytes,
             function,
+            instance_name: None,
         })
     }
 
@@ -140,7 +154,36 @@ impl Digest {
             hash: h.finish_hex(),
             size_bytes: data.len() as u64,
             function: DigestFunction::Sha256,
+            instance_name: None,
         }
+    }
+
+    /// This digest under `instance_name` (`""` is the default instance).
+    ///
+    /// ```
+    /// use blob_access::Digest;
+    /// let d = Digest::of(b"x").with_instance_name("team-a");
+    /// assert_eq!(d.instance_name(), "team-a");
+    /// assert_ne!(d, Digest::of(b"x"));
+    /// assert_eq!(d.without_instance_name(), Digest::of(b"x"));
+    /// ```
+    pub fn with_instance_name(&self, instance_name: &str) -> Digest {
+        let mut d = self.clone();
+        d.instance_name = (!instance_name.is_empty()).then(|| Arc::from(instance_name));
+        d
+    }
+
+    /// The same blob under the default instance: the key of content stores.
+    pub fn without_instance_name(&self) -> Digest {
+        match self.instance_name {
+            None => self.clone(),
+            Some(_) => self.with_instance_name(""),
+        }
+    }
+
+    /// The REAPI instance name this digest was asked for under; `""` by default.
+    pub fn instance_name(&self) -> &str {
+        self.instance_name.as_deref().unwrap_or("")
     }
 
     pub fn hash(&self) -> &str {
@@ -192,7 +235,10 @@ impl fmt::Display for Digest {
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({self})")
+        match &self.instance_name {
+            Some(i) => write!(f, "Digest({i:?} {self})"),
+            None => write!(f, "Digest({self})"),
+        }
     }
 }
 

@@ -371,6 +371,8 @@ fn read_file(path: PathBuf) -> BlobStream {
 #[async_trait::async_trait]
 impl BlobAccess for DiskBlobAccess {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
+        // Content is the same whatever the instance: files are named by hash and size.
+        let digest = &digest.without_instance_name();
         let inner = self.inner.clone();
         inner.counters.inc("gets");
         let known = inner.index().touch(digest);
@@ -403,6 +405,7 @@ impl BlobAccess for DiskBlobAccess {
     }
 
     async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {
+        let digest = &digest.without_instance_name();
         let inner = self.inner.clone();
         inner.counters.inc("puts");
         if digest.size_bytes() > inner.max_size {
@@ -448,7 +451,7 @@ impl BlobAccess for DiskBlobAccess {
         // Asking marks a blob used: a blob a build asks about is likely to be read.
         Ok(digests
             .iter()
-            .filter(|d| !index.touch(d))
+            .filter(|d| !index.touch(&d.without_instance_name()))
             .cloned()
             .collect())
     }

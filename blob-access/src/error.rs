@@ -12,7 +12,8 @@ pub struct Error {
     code: Code,
     message: String,
     backend: Option<String>,
-    digest: Option<Digest>,
+    /// Boxed: errors travel in `Result`s everywhere, and most name no blob.
+    digest: Option<Box<Digest>>,
     /// Retry delay suggested by the server (`google.rpc.RetryInfo`), if any.
     retry_delay: Option<std::time::Duration>,
 }
@@ -55,7 +56,7 @@ impl Error {
     }
     /// Names the blob, unless already named.
     pub fn with_digest(mut self, digest: &Digest) -> Self {
-        self.digest.get_or_insert_with(|| digest.clone());
+        self.digest.get_or_insert_with(|| Box::new(digest.clone()));
         self
     }
     pub fn with_retry_delay(mut self, delay: Option<std::time::Duration>) -> Self {
@@ -73,7 +74,7 @@ impl Error {
         self.backend.as_deref()
     }
     pub fn digest(&self) -> Option<&Digest> {
-        self.digest.as_ref()
+        self.digest.as_deref()
     }
     pub fn retry_delay(&self) -> Option<std::time::Duration> {
         self.retry_delay
@@ -91,6 +92,9 @@ impl fmt::Display for Error {
         }
         if let Some(d) = &self.digest {
             write!(f, ": blob {d}")?;
+            if !d.instance_name().is_empty() {
+                write!(f, " (instance {:?})", d.instance_name())?;
+            }
         }
         write!(f, ": {}", self.message)
     }

@@ -24,7 +24,7 @@ use batch::Coalescer;
 use bytes::{Bytes, BytesMut};
 use futures::future::Either;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Digests per FindMissingBlobs request, far below any server's message limit.
@@ -85,9 +85,33 @@ impl GrpcBlobAccess {
         }
     }
 
-    /// One BatchReadBlobs call for `digests`; answers each, in order. The
-    /// bytes are verified by `get`, as any other read.
+    /// BatchReadBlobs for `digests`, one call per instance name among them;
+    /// answers each, in order. The bytes are verified by `get`, as any other read.
     async fn read_batch(
+        conn: GrpcConnection,
+        counters: Arc<Counters>,
+        digests: Vec<Digest>,
+    ) -> Vec<Result<Bytes>> {
+        let groups = by_instance(digests.iter().cloned());
+        if groups.len() == 1 {
+            return Self::read_batch_of_one_instance(conn, counters, digests).await;
+        }
+        let calls = groups.into_values().map(|group| {
+            let (conn, counters) = (conn.clone(), counters.clone());
+            async move {
+                let results = Self::read_batch_of_one_instance(conn, counters, group.clone()).await;
+                group.into_iter().zip(results).collect::<Vec<_>>()
+            }
+        });
+        let found: HashMap<Digest, Result<Bytes>> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        digests.iter().map(|d| found[d].clone()).collect()
+    }
+
+    async fn read_batch_of_one_instance(
         conn: GrpcConnection,
         counters: Arc<Counters>,
         digests: Vec<Digest>,
@@ -95,7 +119,7 @@ impl GrpcBlobAccess {
         counters.inc("batch_reads");
         let unique = distinct(digests.iter());
         let req = conn.request(BatchReadBlobsRequest {
-            instance_name: conn.instance_name().to_string(),
+            instance_name: conn.instance_name_for(&digests[0]),
             digests: unique.iter().map(|d| d.to_proto()).collect(),
             ..Default::default()
         });
@@ -131,7 +155,8 @@ impl GrpcBlobAccess {
     ) -> BlobStream {
         counters.inc("bytestream_reads");
         futures::stream::once(async move {
-            let resource = ReadResource::new(conn.instance_name(), Compressor::Identity, digest);
+            let instance = conn.instance_name_for(&digest);
+            let resource = ReadResource::new(&instance, Compressor::Identity, digest);
             let req = conn.request(ReadRequest {
                 resource_name: resource.to_string(),
                 read_offset: range.offset as i64,
@@ -157,8 +182,41 @@ impl GrpcBlobAccess {
             .await
     }
 
-    /// One BatchUpdateBlobs call for `blobs`; answers each, in order.
+    /// BatchUpdateBlobs for `blobs`, one call per instance name among them;
+    /// answers each, in order.
     async fn update_batch(
+        conn: GrpcConnection,
+        counters: Arc<Counters>,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        let groups = by_instance(blobs.iter().map(|(d, _)| d.clone()));
+        if groups.len() == 1 {
+            return Self::update_batch_of_one_instance(conn, counters, blobs).await;
+        }
+        let mut parts: BTreeMap<String, Vec<(Digest, Bytes)>> = BTreeMap::new();
+        for (d, data) in &blobs {
+            parts
+                .entry(d.instance_name().to_string())
+                .or_default()
+                .push((d.clone(), data.clone()));
+        }
+        let calls = parts.into_values().map(|part| {
+            let (conn, counters) = (conn.clone(), counters.clone());
+            async move {
+                let digests: Vec<Digest> = part.iter().map(|(d, _)| d.clone()).collect();
+                let results = Self::update_batch_of_one_instance(conn, counters, part).await;
+                digests.into_iter().zip(results).collect::<Vec<_>>()
+            }
+        });
+        let found: HashMap<Digest, Result<()>> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        blobs.iter().map(|(d, _)| found[d].clone()).collect()
+    }
+
+    async fn update_batch_of_one_instance(
         conn: GrpcConnection,
         counters: Arc<Counters>,
         blobs: Vec<(Digest, Bytes)>,
@@ -176,7 +234,7 @@ impl GrpcBlobAccess {
             .collect();
         let unique = distinct(blobs.iter().map(|(d, _)| d));
         let req = conn.request(BatchUpdateBlobsRequest {
-            instance_name: conn.instance_name().to_string(),
+            instance_name: conn.instance_name_for(&blobs[0].0),
             requests,
             ..Default::default()
         });
@@ -203,9 +261,12 @@ impl GrpcBlobAccess {
         data: BlobStream,
     ) -> Result<()> {
         let size = digest.size_bytes();
-        let resource =
-            WriteResource::new(conn.instance_name(), Compressor::Identity, digest.clone())
-                .to_string();
+        let resource = WriteResource::new(
+            &conn.instance_name_for(&digest),
+            Compressor::Identity,
+            digest.clone(),
+        )
+        .to_string();
         let mut verified = verify(&digest, ReadRange::FULL, conn.name(), data);
         // A channel rather than a boxed stream: tonic's client-streaming future
         // is only `Send` for concrete stream types.
@@ -309,11 +370,41 @@ impl BlobAccess for GrpcBlobAccess {
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         self.counters.inc("find_missing");
-        let wanted: Vec<&Digest> = digests.iter().filter(|d| d.size_bytes() > 0).collect();
+        // One request per instance name (`serve` gives all of a call's the same).
+        let mut by_instance: Vec<(&str, Vec<&Digest>)> = Vec::new();
+        for d in digests.iter().filter(|d| d.size_bytes() > 0) {
+            match by_instance
+                .iter_mut()
+                .find(|(i, _)| *i == d.instance_name())
+            {
+                Some((_, ds)) => ds.push(d),
+                None => by_instance.push((d.instance_name(), vec![d])),
+            }
+        }
         let mut missing = Vec::new();
+        for (instance, wanted) in &by_instance {
+            self.find_missing_of(instance, wanted, &mut missing).await?;
+        }
+        Ok(missing)
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.counters.snapshot(self.conn.name(), "grpc"));
+    }
+}
+
+impl GrpcBlobAccess {
+    /// Appends to `missing` those of `wanted` (all of `instance`) the server lacks.
+    async fn find_missing_of(
+        &self,
+        instance: &str,
+        wanted: &[&Digest],
+        missing: &mut Vec<Digest>,
+    ) -> Result<()> {
+        let upstream = crate::instance_name::join(self.conn.instance_name(), instance);
         for batch in wanted.chunks(FIND_MISSING_BATCH) {
             let req = self.conn.request(FindMissingBlobsRequest {
-                instance_name: self.conn.instance_name().to_string(),
+                instance_name: upstream.clone(),
                 blob_digests: batch.iter().map(|d| d.to_proto()).collect(),
                 ..Default::default()
             });
@@ -331,15 +422,23 @@ impl BlobAccess for GrpcBlobAccess {
                         None,
                     )
                 })?;
-                missing.push(d);
+                missing.push(d.with_instance_name(instance));
             }
         }
-        Ok(missing)
+        Ok(())
     }
+}
 
-    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
-        out.push(self.counters.snapshot(self.conn.name(), "grpc"));
+/// Digests by their instance name: a batch call names one instance.
+fn by_instance(digests: impl Iterator<Item = Digest>) -> BTreeMap<String, Vec<Digest>> {
+    let mut groups: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+    for d in digests {
+        groups
+            .entry(d.instance_name().to_string())
+            .or_default()
+            .push(d);
     }
+    groups
 }
 
 /// The distinct digests of `digests`, in order.
@@ -365,11 +464,14 @@ fn match_responses<T>(
     call: &str,
 ) -> Result<HashMap<Digest, Result<T>>> {
     let asked_set: HashSet<&Digest> = asked.iter().collect();
+    // Answers name blobs without their instance: that of the call.
+    let instance = asked.first().map_or("", |d| d.instance_name());
     let mut found = HashMap::with_capacity(asked.len());
     for (digest, result) in answered {
         let d = digest
             .as_ref()
-            .and_then(|d| Digest::from_proto(crate::DigestFunction::Sha256, d).ok());
+            .and_then(|d| Digest::from_proto(crate::DigestFunction::Sha256, d).ok())
+            .map(|d| d.with_instance_name(instance));
         match d {
             Some(d) if asked_set.contains(&d) && !found.contains_key(&d) => {
                 found.insert(d, result);

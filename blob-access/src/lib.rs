@@ -26,6 +26,7 @@ pub mod digest;
 pub mod disk;
 pub mod error;
 pub mod grpc;
+pub mod instance_name;
 pub mod memory;
 pub mod metrics;
 pub mod node;

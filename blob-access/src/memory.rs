@@ -112,7 +112,8 @@ impl MemoryBlobAccess {
 
     fn lookup(&self, digest: &Digest) -> Option<Bytes> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.blobs.get(digest).cloned()
+        // Content is the same whatever the instance: one copy serves them all.
+        store.blobs.get(&digest.without_instance_name()).cloned()
     }
 
     /// Total bytes currently stored.
@@ -170,7 +171,7 @@ impl BlobAccess for MemoryBlobAccess {
         }
         self.counters.add("bytes_written", size);
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        let evicted = store.insert(digest.clone(), buf.freeze(), self.max_size);
+        let evicted = store.insert(digest.without_instance_name(), buf.freeze(), self.max_size);
         self.counters.add("evictions", evicted);
         Ok(())
     }
@@ -180,7 +181,7 @@ impl BlobAccess for MemoryBlobAccess {
         // `get` refreshes recency: a blob a build asks about is likely to be read.
         Ok(digests
             .iter()
-            .filter(|d| store.blobs.get(*d).is_none())
+            .filter(|d| store.blobs.get(&d.without_instance_name()).is_none())
             .cloned()
             .collect())
     }

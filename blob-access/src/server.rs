@@ -7,10 +7,15 @@
 //! re-chunked (and zstd-compressed on request) on the fly, writes stream into
 //! `put` through a small channel, so memory does not grow with blob size.
 //!
-//! Instance names: by default every instance name is accepted and ignored, which
-//! is what a proxy in front of one tree wants (clients configured for any
-//! instance keep working). [`ServerConfig::instance_name`] restricts the server
-//! to one name; requests for others then fail with INVALID_ARGUMENT.
+//! Instance names: by default every instance name is accepted and passed to the
+//! tree on every digest of the request ([`Digest::instance_name`](crate::Digest::instance_name)):
+//! ByteStream resource names, the CAS calls, GetTree and the action cache (whose
+//! `completeness_checking` looks for an action's outputs under its name). Most
+//! nodes ignore it, so a proxy in front of one tree serves clients configured
+//! for any instance; `demultiplexing` routes by it and `grpc` forwards it.
+//! [`ServerConfig::instance_name`] restricts the server to one name; requests
+//! for others then fail with INVALID_ARGUMENT. Tokens limited to some instance
+//! names are checked here too (see [`Tokens`]).
 //!
 //! ```no_run
 //! use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
@@ -40,7 +45,7 @@ mod zstd_stream;
 
 pub use crate::Storage;
 use crate::{ActionCache, BlobAccess, Error, Result};
-pub use auth::{Auth, Permission, Tokens};
+pub use auth::{Auth, Grant, Permission, Tokens};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -143,12 +148,25 @@ struct Shared {
 }
 
 impl Shared {
-    fn check_instance(&self, name: &str) -> Result<(), Status> {
-        match &self.cfg.instance_name {
-            Some(served) if served != name => Err(Status::invalid_argument(format!(
-                "unknown instance name {name:?}; this server serves {served:?}"
-            ))),
-            _ => Ok(()),
+    /// INVALID_ARGUMENT for an instance name this server does not serve,
+    /// PERMISSION_DENIED if the caller's token (its [`Grant`] in `extensions`)
+    /// may not do what `needed` says there.
+    fn check_instance(
+        &self,
+        name: &str,
+        extensions: &tonic::Extensions,
+        needed: Permission,
+    ) -> Result<(), Status> {
+        if let Some(served) = &self.cfg.instance_name {
+            if served != name {
+                return Err(Status::invalid_argument(format!(
+                    "unknown instance name {name:?}; this server serves {served:?}"
+                )));
+            }
+        }
+        match extensions.get::<Grant>() {
+            Some(grant) => grant.check(name, needed),
+            None => Ok(()),
         }
     }
 

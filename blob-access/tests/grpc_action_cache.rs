@@ -81,9 +81,11 @@ async fn results_round_trip_through_the_remote() {
     assert_eq!(err.digest(), Some(&action), "{err}");
 
     ac.update_action_result(&action, &a_result()).await.unwrap();
-    // Stored remotely, as sent...
+    // Stored remotely, as sent, under the instance name the server was asked for
+    // (`serve` keeps results per instance)...
+    let remote_key = action.with_instance_name("main");
     assert_eq!(
-        r.results.get_action_result(&action).await.unwrap(),
+        r.results.get_action_result(&remote_key).await.unwrap(),
         a_result()
     );
     // ...and read back through the node.
@@ -95,7 +97,7 @@ async fn results_round_trip_through_the_remote() {
         ..Default::default()
     };
     r.results
-        .update_action_result(&action, &other)
+        .update_action_result(&remote_key, &other)
         .await
         .unwrap();
     assert_eq!(ac.get_action_result(&action).await.unwrap(), other);

@@ -160,8 +160,9 @@ async fn a_read_only_cache_serves_results_and_refuses_updates() {
     let action = Digest::of(b"Action");
     let result = result_with_output(Digest::of(b"x").hash(), 1);
     use blob_access::ActionCache;
+    // Stored under the instance name the client asks with (`get` says "main").
     results
-        .update_action_result(&action, &result)
+        .update_action_result(&action.with_instance_name("main"), &result)
         .await
         .unwrap();
     let storage = Storage::new(memory.clone()).with_action_cache(results);

@@ -228,6 +228,8 @@ nodes! {
     "mirrored" => Mirrored(blob_access_decorators::mirrored::MirroredConfig<Node>) in [Cas, ActionCache],
     /// Serves an action result only if every blob it names is in the CAS (action cache only).
     "completeness_checking" => CompletenessChecking(blob_access_decorators::completeness_checking::CompletenessCheckingConfig<Node>) in [ActionCache],
+    /// Routes each call by the longest instance-name prefix of its request to that prefix's backend.
+    "demultiplexing" => Demultiplexing(blob_access_decorators::demultiplexing::DemultiplexingConfig<Node>) in [Cas, ActionCache],
 }
 
 /// Loads a config file and builds its trees.

@@ -155,12 +155,19 @@ impl CompletenessChecking {
 
     /// Every blob `result` names, reading its output directories' trees; `Err`
     /// says why the result cannot be served.
-    async fn referenced(&self, result: &ActionResult) -> Result<BTreeSet<Digest>, Unusable> {
+    /// Blobs are looked for under the action's instance name.
+    async fn referenced(
+        &self,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> Result<BTreeSet<Digest>, Unusable> {
+        let instance = action.instance_name();
         let mut digests = BTreeSet::new();
         let mut add = |what: &str, d: Option<&proto::Digest>| -> Result<(), String> {
             let d = d.ok_or_else(|| format!("{what} has no digest"))?;
             let d = Digest::from_proto(DigestFunction::Sha256, d)
-                .map_err(|e| format!("{what} has a bad digest: {e}"))?;
+                .map_err(|e| format!("{what} has a bad digest: {e}"))?
+                .with_instance_name(instance);
             digests.insert(d);
             Ok(())
         };
@@ -182,6 +189,7 @@ impl CompletenessChecking {
             let what = format!("output directory {:?}", dir.path);
             let parse = |d: &proto::Digest, field: &str| {
                 Digest::from_proto(DigestFunction::Sha256, d)
+                    .map(|d| d.with_instance_name(instance))
                     .map_err(|e| format!("{what} has a bad {field}: {e}"))
             };
             let tree = dir.tree_digest.as_ref().map(|d| parse(d, "tree digest"));
@@ -229,7 +237,8 @@ impl CompletenessChecking {
                         .as_ref()
                         .ok_or_else(|| format!("{what} has a subdirectory without digest"))?;
                     let sub = Digest::from_proto(DigestFunction::Sha256, sub)
-                        .map_err(|e| format!("{what} has a subdirectory with a bad digest: {e}"))?;
+                        .map_err(|e| format!("{what} has a subdirectory with a bad digest: {e}"))?
+                        .with_instance_name(instance);
                     if seen.insert(sub.clone()) {
                         todo.push(sub);
                     }
@@ -289,14 +298,17 @@ impl From<String> for Unusable {
 impl ActionCache for CompletenessChecking {
     async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
         let result = self.backend.get_action_result(action).await?;
-        let digests = match self.referenced(&result).await {
+        let digests = match self.referenced(action, &result).await {
             Ok(d) => d,
             Err(Unusable::Incomplete(why)) => return Err(self.incomplete(action, why)),
             Err(Unusable::Cas(e)) => return Err(self.cas_error(action, e)),
         };
         // The empty blob is always present (REAPI), whatever a server says of it.
         let empty = Digest::of(b"");
-        let digests: Vec<Digest> = digests.into_iter().filter(|d| *d != empty).collect();
+        let digests: Vec<Digest> = digests
+            .into_iter()
+            .filter(|d| d.without_instance_name() != empty)
+            .collect();
         for batch in digests.chunks(FIND_MISSING_BATCH) {
             let missing = self
                 .cas

@@ -6,6 +6,7 @@
 //! does not depend on the crate that lists every node kind.
 
 pub mod completeness_checking;
+pub mod demultiplexing;
 pub mod error_logging;
 pub mod existence_caching;
 pub mod mirrored;

@@ -215,9 +215,13 @@ impl BlobAccess for ResumableGrpcBlobAccess {
         let conn = self.plain.connection().clone();
         let caps = conn.capabilities();
         let request_conn = conn.clone();
-        let opener = ByteStreamOpener::new(self.channels.clone(), conn.instance_name(), digest)
-            .with_request(move |r| request_conn.request(r))
-            .with_zstd_support(caps.map(|c| c.is_ok_and(|c| c.zstd)).boxed());
+        let opener = ByteStreamOpener::new(
+            self.channels.clone(),
+            &conn.instance_name_for(digest),
+            digest,
+        )
+        .with_request(move |r| request_conn.request(r))
+        .with_zstd_support(caps.map(|c| c.is_ok_and(|c| c.zstd)).boxed());
         let compressor = match conn.compression() {
             Compression::Zstd => Compressor::Zstd,
             Compression::None => Compressor::Identity,

@@ -67,6 +67,7 @@ pub async fn put(
             report.sent_bytes,
         );
     }
+    put_report(&*ba, report.sent_bytes, started.elapsed());
     Ok(ExitCode::SUCCESS)
 }
 

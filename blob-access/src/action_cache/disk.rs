@@ -4,6 +4,10 @@
 //! `action-cache/tmp/`, fsynced and renamed into place. The least recently used
 //! results are deleted beyond `max_size_bytes`; reads refresh a file's
 //! modification time, from which recency is rebuilt on open.
+//!
+//! Results are kept per instance name (instances may build differently): the
+//! default instance's file is named by the action digest, another instance's
+//! by the SHA-256 of `INSTANCE\0HASH/SIZE`, so the layout stays flat.
 
 use super::{check_fits, decode, encode, not_found, ActionCache, ActionResult};
 use crate::disk::{digest_of_path, object_path, walk, Index};
@@ -105,12 +109,12 @@ impl Inner {
         self.counters.add("evictions", evicted.len() as u64);
     }
 
-    fn read(&self, action: &Digest) -> Result<ActionResult> {
-        let path = object_path(&self.objects, action);
+    fn read(&self, key: &Digest, action: &Digest) -> Result<ActionResult> {
+        let path = object_path(&self.objects, key);
         let data = match std::fs::read(&path) {
             Ok(data) => data,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.index().remove(action);
+                self.index().remove(key);
                 return Err(not_found(action, &self.name));
             }
             Err(e) => {
@@ -124,14 +128,14 @@ impl Inner {
         }
         decode(action, &data, &self.name).map_err(|e| {
             self.counters.inc("corrupted");
-            self.index().remove(action);
+            self.index().remove(key);
             let _ = std::fs::remove_file(&path);
             tracing::warn!(backend = %self.name, %action, error = %e, "removed a corrupted action result");
             not_found(action, &self.name)
         })
     }
 
-    fn write(&self, action: &Digest, data: &[u8]) -> Result<()> {
+    fn write(&self, key: &Digest, action: &Digest, data: &[u8]) -> Result<()> {
         let io = |what: &str, e| {
             Error::io(what, e)
                 .with_backend(self.name.clone())
@@ -141,7 +145,7 @@ impl Inner {
             .map_err(|e| io("creating a temp file", e))?;
         tmp.write_all(data).map_err(|e| io("writing", e))?;
         tmp.as_file().sync_all().map_err(|e| io("syncing", e))?;
-        let path = object_path(&self.objects, action);
+        let path = object_path(&self.objects, key);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io("creating a directory", e))?;
         }
@@ -149,10 +153,18 @@ impl Inner {
             let mut index = self.index();
             tmp.persist(&path)
                 .map_err(|e| io("renaming into place", e.error))?;
-            index.insert(action.clone(), cost(data.len() as u64));
+            index.insert(key.clone(), cost(data.len() as u64));
         }
         self.evict();
         Ok(())
+    }
+}
+
+/// The digest naming `action`'s file and index entry (see the module documentation).
+fn key(action: &Digest) -> Digest {
+    match action.instance_name() {
+        "" => action.clone(),
+        instance => Digest::of(format!("{instance}\0{action}").as_bytes()),
     }
 }
 
@@ -160,12 +172,13 @@ impl Inner {
 impl ActionCache for DiskActionCache {
     async fn get_action_result(&self, action: &Digest) -> Result<ActionResult> {
         let inner = self.inner.clone();
-        if !inner.index().touch(action) {
+        let key = key(action);
+        if !inner.index().touch(&key) {
             inner.counters.inc("misses");
             return Err(not_found(action, &inner.name));
         }
         let a = action.clone();
-        let result = tokio::task::spawn_blocking(move || inner.read(&a))
+        let result = tokio::task::spawn_blocking(move || inner.read(&key, &a))
             .await
             .map_err(|e| Error::internal(format!("reader task: {e}")))?;
         let outcome = match &result {
@@ -181,8 +194,8 @@ impl ActionCache for DiskActionCache {
         let data = encode(action, result, &self.inner.name)?;
         let (max, name) = (self.inner.max_size, &self.inner.name);
         check_fits(action, cost(data.len() as u64), max, name)?;
-        let (inner, a) = (self.inner.clone(), action.clone());
-        tokio::task::spawn_blocking(move || inner.write(&a, &data))
+        let (inner, a, key) = (self.inner.clone(), action.clone(), key(action));
+        tokio::task::spawn_blocking(move || inner.write(&key, &a, &data))
             .await
             .map_err(|e| Error::internal(format!("writer task: {e}")))??;
         self.inner.counters.inc("updates");

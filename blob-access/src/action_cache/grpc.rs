@@ -60,7 +60,7 @@ impl GrpcActionCache {
     /// (for callers that make the call on a channel of their own).
     pub fn get_request(&self, action: &Digest) -> tonic::Request<GetActionResultRequest> {
         self.conn.request(GetActionResultRequest {
-            instance_name: self.conn.instance_name().to_string(),
+            instance_name: self.conn.instance_name_for(action),
             action_digest: Some(action.to_proto()),
             // Inlined outputs would skip the CAS, where the caller verifies them.
             inline_stdout: false,
@@ -76,7 +76,7 @@ impl GrpcActionCache {
         result: &ActionResult,
     ) -> tonic::Request<UpdateActionResultRequest> {
         self.conn.request(UpdateActionResultRequest {
-            instance_name: self.conn.instance_name().to_string(),
+            instance_name: self.conn.instance_name_for(action),
             action_digest: Some(action.to_proto()),
             action_result: Some(result.clone()),
             ..Default::default()

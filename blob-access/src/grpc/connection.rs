@@ -196,8 +196,16 @@ impl GrpcConnection {
     pub fn name(&self) -> &str {
         &self.inner.name
     }
+    /// The configured instance name (capabilities are asked under it).
     pub fn instance_name(&self) -> &str {
         &self.inner.instance_name
+    }
+    /// The instance name a request about `digest` goes to: the configured one,
+    /// followed by the digest's (a request's own, as `serve` sets it) if any,
+    /// joined by `/`. So a proxy configured with `""` forwards names as they
+    /// come, and a configured `"ci"` puts the clients' names below `ci/`.
+    pub fn instance_name_for(&self, digest: &crate::Digest) -> String {
+        crate::instance_name::join(&self.inner.instance_name, digest.instance_name())
     }
     /// The compression the config asks for (the server must also support it).
     pub fn compression(&self) -> Compression {

@@ -3,7 +3,7 @@
 //! capabilities say updates are disabled).
 
 use super::cas::parse_digest;
-use super::{check_digest_function, Shared};
+use super::{check_digest_function, Permission, Shared};
 use crate::action_cache::ActionCache;
 use crate::proto::action_cache_server;
 use crate::proto::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
@@ -26,16 +26,18 @@ impl ActionCacheService {
     /// without a tree comes before any complaint about the request.
     fn target(
         &self,
+        extensions: &tonic::Extensions,
+        needed: Permission,
         instance_name: &str,
         digest_function: i32,
         digest: Option<&crate::proto::Digest>,
     ) -> Result<(&Arc<dyn ActionCache>, Digest), Status> {
         let tree = self.tree()?;
-        self.0.check_instance(instance_name)?;
+        self.0.check_instance(instance_name, extensions, needed)?;
         check_digest_function(digest_function)?;
         let action = parse_digest(digest)
             .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))?;
-        Ok((tree, action))
+        Ok((tree, action.with_instance_name(instance_name)))
     }
 }
 
@@ -88,9 +90,15 @@ impl action_cache_server::ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let req = request.into_inner();
+        let (_, extensions, req) = request.into_parts();
         let digest = req.action_digest.as_ref();
-        let (tree, action) = self.target(&req.instance_name, req.digest_function, digest)?;
+        let (tree, action) = self.target(
+            &extensions,
+            Permission::Read,
+            &req.instance_name,
+            req.digest_function,
+            digest,
+        )?;
         // Inlining is optional (REAPI lets servers omit it); clients read outputs from the CAS.
         let result = tree.get_action_result(&action).await?;
         Ok(Response::new(result))
@@ -100,9 +108,15 @@ impl action_cache_server::ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let req = request.into_inner();
+        let (_, extensions, req) = request.into_parts();
         let digest = req.action_digest.as_ref();
-        let (tree, action) = self.target(&req.instance_name, req.digest_function, digest)?;
+        let (tree, action) = self.target(
+            &extensions,
+            Permission::Write,
+            &req.instance_name,
+            req.digest_function,
+            digest,
+        )?;
         if self.0.cfg.action_cache_read_only {
             return Err(Status::permission_denied(
                 "this server's action cache is read-only",

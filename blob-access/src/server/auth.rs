@@ -1,12 +1,15 @@
 //! Bearer tokens with read or write permission, checked in a tower layer in
 //! front of every service: no valid `authorization: Bearer TOKEN` header gives
 //! UNAUTHENTICATED, a read token calling a write RPC PERMISSION_DENIED. The
-//! caller's [`Permission`] goes on in the request's extensions, so Capabilities
-//! can tell a read-only caller not to upload action results.
+//! caller's [`Grant`] goes on in the request's extensions: the services check
+//! it against the request's instance name (a token may be limited to some
+//! instance-name prefixes, which only the request body names), and
+//! Capabilities tells a caller that may not write there not to upload results.
 //!
 //! Tokens are kept only as SHA-256 hashes and compared in constant time; no
 //! token ever appears in a log line, an error message or `Debug` output.
 
+use crate::instance_name::has_prefix;
 use crate::{Error, Result};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
@@ -47,10 +50,62 @@ fn needed(path: &str) -> Option<Permission> {
 }
 
 /// A set of tokens, as read from a tokens file: one `read TOKEN` or
-/// `write TOKEN` a line, `#` comments and blank lines ignored.
+/// `write TOKEN` a line, `#` comments and blank lines ignored. Instance-name
+/// prefixes after the token (`write TOKEN team-a team-b/ci`) limit that line
+/// to those instances (see [`has_prefix`]); without any, it covers them all.
+/// A token on several lines gets the best permission each instance has.
 #[derive(Clone)]
 pub struct Tokens {
-    entries: Vec<([u8; 32], Permission)>,
+    entries: Vec<([u8; 32], Scope)>,
+}
+
+/// One line's permission and the instance-name prefixes it covers (none: all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Scope {
+    permission: Permission,
+    prefixes: Vec<String>,
+}
+
+impl Scope {
+    fn covers(&self, instance_name: &str) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| has_prefix(instance_name, p))
+    }
+}
+
+/// What the caller's token allows, put in each request's extensions by the
+/// token check (absent when the server checks no tokens).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    scopes: Vec<Scope>,
+}
+
+impl Grant {
+    /// The caller's permission on `instance_name`; `None`: none at all.
+    pub fn permission_for(&self, instance_name: &str) -> Option<Permission> {
+        self.scopes
+            .iter()
+            .filter(|s| s.covers(instance_name))
+            .map(|s| s.permission)
+            .max()
+    }
+
+    /// The best permission on any instance.
+    fn best(&self) -> Option<Permission> {
+        self.scopes.iter().map(|s| s.permission).max()
+    }
+
+    /// PERMISSION_DENIED unless the caller may do what `needed` says on `instance_name`.
+    pub fn check(&self, instance_name: &str, needed: Permission) -> Result<(), Status> {
+        match self.permission_for(instance_name) {
+            Some(have) if have >= needed => Ok(()),
+            Some(_) => Err(Status::permission_denied(format!(
+                "this token may only read instance {instance_name:?}"
+            ))),
+            None => Err(Status::permission_denied(format!(
+                "this token may not use instance {instance_name:?}"
+            ))),
+        }
+    }
 }
 
 impl fmt::Debug for Tokens {
@@ -80,19 +135,29 @@ impl Tokens {
                 Some("write") => Permission::Write,
                 _ => return Err(bad("expected `read TOKEN` or `write TOKEN`")),
             };
-            let token = match (words.next(), words.next()) {
-                (Some(t), None) => t,
-                (None, _) => return Err(bad("the token is missing")),
-                (Some(_), Some(_)) => {
-                    return Err(bad(
-                        "expected `read TOKEN` or `write TOKEN`: a token has no spaces",
-                    ))
-                }
+            let Some(token) = words.next() else {
+                return Err(bad("the token is missing"));
             };
             if !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(bad("a token must be printable ASCII"));
             }
-            entries.push((hash(token.as_bytes()), permission));
+            let mut prefixes = Vec::new();
+            for prefix in words {
+                // `team-a/` would never match (prefixes match on `/` boundaries).
+                if prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") {
+                    return Err(bad(&format!(
+                        "instance-name prefix {prefix:?} has an empty part (leading, trailing or double `/`)"
+                    )));
+                }
+                prefixes.push(prefix.to_string());
+            }
+            entries.push((
+                hash(token.as_bytes()),
+                Scope {
+                    permission,
+                    prefixes,
+                },
+            ));
         }
         if entries.is_empty() {
             return Err(Error::invalid_argument(format!(
@@ -124,21 +189,26 @@ impl Tokens {
     pub fn writers(&self) -> usize {
         self.entries
             .iter()
-            .filter(|(_, p)| *p == Permission::Write)
+            .filter(|(_, s)| s.permission == Permission::Write)
             .count()
     }
 
     /// What `token` may do; every entry is compared, in constant time, whatever matches.
-    fn permission(&self, token: &[u8]) -> Option<Permission> {
+    fn grant(&self, token: &[u8]) -> Option<Grant> {
         let presented = hash(token);
-        let mut best = None;
-        for (stored, permission) in &self.entries {
+        let mut scopes = Vec::new();
+        for (stored, scope) in &self.entries {
             let matches: bool = stored.ct_eq(&presented).into();
             if matches {
-                best = best.max(Some(*permission));
+                scopes.push(scope.clone());
             }
         }
-        best
+        (!scopes.is_empty()).then_some(Grant { scopes })
+    }
+
+    #[cfg(test)]
+    fn permission(&self, token: &[u8]) -> Option<Permission> {
+        self.grant(token)?.best()
     }
 }
 
@@ -178,13 +248,13 @@ impl Auth {
             .clone()
     }
 
-    /// The permission of the caller whose request carries `headers`, or the status
+    /// What the caller whose request carries `headers` may do, or the status
     /// to refuse it with.
-    fn check(&self, headers: &http::HeaderMap) -> Result<Permission, Status> {
+    fn check(&self, headers: &http::HeaderMap) -> Result<Grant, Status> {
         let token = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()));
-        match token.and_then(|t| self.current().permission(t)) {
+        match token.and_then(|t| self.current().grant(t)) {
             Some(p) => Ok(p),
             None if token.is_none() => Err(Status::unauthenticated(
                 "this server needs a token: send `authorization: Bearer TOKEN`",
@@ -193,22 +263,19 @@ impl Auth {
         }
     }
 
-    /// Checks a request for `path`; on success, the caller's permission.
-    fn authorize(
-        &self,
-        path: &str,
-        headers: &http::HeaderMap,
-    ) -> Result<Option<Permission>, Status> {
+    /// Checks a request for `path` (whatever its instance: the services check
+    /// that); on success, what the caller may do.
+    fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Grant>, Status> {
         let Some(needed) = needed(path) else {
             return Ok(None);
         };
-        let have = self.check(headers)?;
-        if have < needed {
+        let grant = self.check(headers)?;
+        if grant.best() < Some(needed) {
             return Err(Status::permission_denied(format!(
                 "{path} needs a write token; this one may only read"
             )));
         }
-        Ok(Some(have))
+        Ok(Some(grant))
     }
 }
 
@@ -262,8 +329,8 @@ where
         if let Some(auth) = &self.auth {
             let path = request.uri().path().to_string();
             match auth.authorize(&path, request.headers()) {
-                Ok(Some(permission)) => {
-                    request.extensions_mut().insert(permission);
+                Ok(Some(grant)) => {
+                    request.extensions_mut().insert(grant);
                 }
                 Ok(None) => {}
                 Err(status) => {
@@ -295,7 +362,6 @@ mod tests {
     fn a_bad_line_names_file_and_line_but_not_the_token() {
         for (text, why) in [
             ("read r3ad0nly\nadmin s3cret\n", "expected `read TOKEN`"),
-            ("read r3ad0nly\nwrite s3cret extra\n", "no spaces"),
             ("read r3ad0nly\nwrite\n", "missing"),
         ] {
             let e = Tokens::parse(text, "tokens.txt").unwrap_err().to_string();
@@ -304,6 +370,42 @@ mod tests {
         }
         let e = Tokens::parse("# nothing\n", "t").unwrap_err().to_string();
         assert!(e.contains("no tokens"), "{e}");
+    }
+
+    #[test]
+    fn lines_may_be_limited_to_instance_name_prefixes() {
+        let text = "write t team-a team-b/ci\nread t\nread r team-b\n";
+        let t = Tokens::parse(text, "f").unwrap();
+        let (both, reader) = (t.grant(b"t").unwrap(), t.grant(b"r").unwrap());
+        for (instance, writer_may, reader_may) in [
+            ("team-a", Some(Permission::Write), None),
+            ("team-a/x", Some(Permission::Write), None),
+            ("team-ab", Some(Permission::Read), None),
+            ("team-b", Some(Permission::Read), Some(Permission::Read)),
+            (
+                "team-b/ci/x",
+                Some(Permission::Write),
+                Some(Permission::Read),
+            ),
+            ("", Some(Permission::Read), None),
+        ] {
+            assert_eq!(both.permission_for(instance), writer_may, "{instance:?}");
+            assert_eq!(reader.permission_for(instance), reader_may, "{instance:?}");
+        }
+        let denied = |r: Result<(), Status>| r.unwrap_err().code();
+        assert_eq!(
+            denied(reader.check("team-b", Permission::Write)),
+            tonic::Code::PermissionDenied
+        );
+        let e = reader.check("team-c", Permission::Read).unwrap_err();
+        assert!(e.message().contains("\"team-c\""), "{e:?}");
+        let e = Tokens::parse("read s3cret team-a/\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f:1: ") && e.contains("team-a/") && !e.contains("s3cret"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -325,7 +427,9 @@ mod tests {
         };
         let write = "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult";
         let read = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult";
-        let code = |r: Result<Option<Permission>, Status>| r.map_err(|s| s.code());
+        let code = |r: Result<Option<Grant>, Status>| {
+            r.map(|g| g.and_then(|g| g.best())).map_err(|s| s.code())
+        };
         assert_eq!(
             code(auth.authorize(read, &headers("Bearer r"))),
             Ok(Some(Permission::Read))

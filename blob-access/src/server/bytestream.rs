@@ -6,7 +6,7 @@
 use super::rechunk::rechunk;
 use super::upload::{early_committed_size, upload};
 use super::zstd_stream;
-use super::{status_shutting_down, Shared};
+use super::{status_shutting_down, Permission, Shared};
 use crate::bytestream_proto::byte_stream_server;
 use crate::bytestream_proto::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
@@ -92,9 +92,11 @@ impl byte_stream_server::ByteStream for ByteStream {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
-        let req = request.into_inner();
-        let res = ReadResource::parse(&req.resource_name).map_err(invalid)?;
-        self.0.check_instance(&res.instance_name)?;
+        let (_, extensions, req) = request.into_parts();
+        let mut res = ReadResource::parse(&req.resource_name).map_err(invalid)?;
+        self.0
+            .check_instance(&res.instance_name, &extensions, Permission::Read)?;
+        res.digest = res.digest.with_instance_name(&res.instance_name);
         let range = read_range(&req, &res)?;
         tracing::debug!(resource = %req.resource_name, ?range, "read");
         let mut data = self.0.backend.get(&res.digest, range).peekable();
@@ -131,13 +133,15 @@ impl byte_stream_server::ByteStream for ByteStream {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         let _slot = self.0.uploads.acquire(request.remote_addr())?;
-        let mut stream = request.into_inner();
+        let (_, extensions, mut stream) = request.into_parts();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| invalid("the write stream had no message"))?;
-        let res = WriteResource::parse(&first.resource_name).map_err(invalid)?;
-        self.0.check_instance(&res.instance_name)?;
+        let mut res = WriteResource::parse(&first.resource_name).map_err(invalid)?;
+        self.0
+            .check_instance(&res.instance_name, &extensions, Permission::Write)?;
+        res.digest = res.digest.with_instance_name(&res.instance_name);
         tracing::debug!(resource = %first.resource_name, "write");
         // Uploading what is stored already would only cost time.
         if self.exists(&res.digest).await {
@@ -164,8 +168,10 @@ impl byte_stream_server::ByteStream for ByteStream {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let res = WriteResource::parse(&request.get_ref().resource_name).map_err(invalid)?;
-        self.0.check_instance(&res.instance_name)?;
+        let mut res = WriteResource::parse(&request.get_ref().resource_name).map_err(invalid)?;
+        self.0
+            .check_instance(&res.instance_name, request.extensions(), Permission::Read)?;
+        res.digest = res.digest.with_instance_name(&res.instance_name);
         // Partial uploads are not kept: an upload is either complete (the blob is
         // stored) or has to start again at 0.
         let missing = self

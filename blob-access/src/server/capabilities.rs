@@ -27,10 +27,14 @@ impl capabilities_server::Capabilities for Capabilities {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        self.0.check_instance(&request.get_ref().instance_name)?;
-        // Set by the token check: a read-only caller must not upload results.
-        let caller_may_write =
-            request.extensions().get::<super::Permission>() != Some(&super::Permission::Read);
+        let instance_name = &request.get_ref().instance_name;
+        let extensions = request.extensions();
+        self.0
+            .check_instance(instance_name, extensions, super::Permission::Read)?;
+        // Set by the token check: a caller that may only read here must not upload results.
+        let caller_may_write = extensions
+            .get::<super::Grant>()
+            .is_none_or(|g| g.permission_for(instance_name) == Some(super::Permission::Write));
         let zstd = compressor::Value::Zstd as i32;
         // Bazel fails a build that uploads results to a cache refusing them, so
         // updates are advertised only where the tree (and any remote) takes them.

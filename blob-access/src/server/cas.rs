@@ -1,7 +1,7 @@
 //! ContentAddressableStorage: FindMissingBlobs and the batch calls, where every
 //! blob gets its own status so one bad blob does not fail its neighbours.
 
-use super::{check_digest_function, Shared};
+use super::{check_digest_function, Permission, Shared};
 use crate::proto::content_addressable_storage_server::ContentAddressableStorage;
 use crate::proto::{
     batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
@@ -27,6 +27,14 @@ pub(super) fn parse_digest(d: Option<&crate::proto::Digest>) -> Result<Digest, S
     let d = d.ok_or_else(|| Status::invalid_argument("a digest is missing"))?;
     Digest::from_proto(DigestFunction::Sha256, d)
         .map_err(|e| Status::invalid_argument(format!("digest {}/{}: {e}", d.hash, d.size_bytes)))
+}
+
+/// A request's digest, under the request's instance name (for the tree).
+pub(super) fn parse_digest_in(
+    instance_name: &str,
+    d: Option<&crate::proto::Digest>,
+) -> Result<Digest, Status> {
+    Ok(parse_digest(d)?.with_instance_name(instance_name))
 }
 
 /// REAPI reports a digest that does not match the uploaded data as INVALID_ARGUMENT;
@@ -62,8 +70,12 @@ impl Cas {
         Ok(())
     }
 
-    async fn update_one(&self, r: batch_update_blobs_request::Request) -> Result<(), Status> {
-        let digest = parse_digest(r.digest.as_ref())?;
+    async fn update_one(
+        &self,
+        instance_name: &str,
+        r: batch_update_blobs_request::Request,
+    ) -> Result<(), Status> {
+        let digest = parse_digest_in(instance_name, r.digest.as_ref())?;
         let data = match compressor::Value::try_from(r.compressor) {
             Ok(compressor::Value::Identity) => Bytes::from(r.data),
             Ok(compressor::Value::Zstd) => {
@@ -94,8 +106,12 @@ impl Cas {
             .map_err(upload_status)
     }
 
-    async fn read_one(&self, d: crate::proto::Digest) -> batch_read_blobs_response::Response {
-        let result = match parse_digest(Some(&d)) {
+    async fn read_one(
+        &self,
+        instance_name: &str,
+        d: crate::proto::Digest,
+    ) -> batch_read_blobs_response::Response {
+        let result = match parse_digest_in(instance_name, Some(&d)) {
             Ok(digest) => {
                 let size = digest.size_bytes() as usize;
                 util::read_to_bytes(&*self.0.backend, &digest, ReadRange::FULL, size)
@@ -127,13 +143,14 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let req = request.into_inner();
-        self.0.check_instance(&req.instance_name)?;
+        let (_, extensions, req) = request.into_parts();
+        self.0
+            .check_instance(&req.instance_name, &extensions, Permission::Read)?;
         check_digest_function(req.digest_function)?;
         let digests = req
             .blob_digests
             .iter()
-            .map(|d| parse_digest(Some(d)))
+            .map(|d| parse_digest_in(&req.instance_name, Some(d)))
             .collect::<Result<Vec<_>, _>>()?;
         let missing = self.0.backend.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
@@ -145,15 +162,17 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        let req = request.into_inner();
-        self.0.check_instance(&req.instance_name)?;
+        let (_, extensions, req) = request.into_parts();
+        self.0
+            .check_instance(&req.instance_name, &extensions, Permission::Write)?;
         check_digest_function(req.digest_function)?;
         let total = req.requests.iter().map(|r| r.data.len() as u64).sum();
         self.check_total(total, "a batch update")?;
+        let instance_name = &req.instance_name;
         let responses = futures::stream::iter(req.requests)
             .map(|r| async move {
                 let digest = r.digest.clone();
-                let status = self.update_one(r).await;
+                let status = self.update_one(instance_name, r).await;
                 if let Err(s) = &status {
                     tracing::debug!(?digest, error = %s, "batch update of a blob failed");
                 }
@@ -172,14 +191,16 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let req = request.into_inner();
-        self.0.check_instance(&req.instance_name)?;
+        let (_, extensions, req) = request.into_parts();
+        self.0
+            .check_instance(&req.instance_name, &extensions, Permission::Read)?;
         check_digest_function(req.digest_function)?;
         let total = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         self.check_total(total, "a batch read")?;
         // Data is returned uncompressed, which REAPI always allows.
+        let instance_name = &req.instance_name;
         let responses = futures::stream::iter(req.digests)
-            .map(|d| self.read_one(d))
+            .map(|d| self.read_one(instance_name, d))
             .buffered(BATCH_CONCURRENCY)
             .collect()
             .await;
@@ -192,7 +213,10 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        let pages = super::get_tree::get_tree(self.0.clone(), request.into_inner())?;
+        let (_, extensions, req) = request.into_parts();
+        self.0
+            .check_instance(&req.instance_name, &extensions, Permission::Read)?;
+        let pages = super::get_tree::get_tree(self.0.clone(), req)?;
         Ok(Response::new(pages))
     }
 

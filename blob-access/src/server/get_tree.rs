@@ -12,7 +12,7 @@
 //! directories, which bounds its work and time; its last page's token
 //! continues the walk.
 
-use super::cas::parse_digest;
+use super::cas::parse_digest_in;
 use super::{check_digest_function, Shared};
 use crate::proto::{Directory, GetTreeRequest, GetTreeResponse};
 use crate::{util, Code, Digest, ReadRange};
@@ -32,9 +32,8 @@ const CONCURRENCY: usize = 16;
 type Pages = BoxStream<'static, Result<GetTreeResponse, Status>>;
 
 pub(super) fn get_tree(shared: Shared, req: GetTreeRequest) -> Result<Pages, Status> {
-    shared.check_instance(&req.instance_name)?;
     check_digest_function(req.digest_function)?;
-    let root = parse_digest(req.root_digest.as_ref())?;
+    let root = parse_digest_in(&req.instance_name, req.root_digest.as_ref())?;
     let skip = match req.page_token.as_str() {
         "" => 0,
         t => t.parse::<usize>().map_err(|_| {
@@ -126,13 +125,14 @@ impl Walk {
                     Err(s) => return Err(s),
                 };
                 for child in &dir.directories {
-                    let c = parse_digest(child.digest.as_ref()).map_err(|s| {
-                        Status::failed_precondition(format!(
-                            "directory {d}: subdirectory {:?}: {}",
-                            child.name,
-                            s.message()
-                        ))
-                    })?;
+                    let c =
+                        parse_digest_in(d.instance_name(), child.digest.as_ref()).map_err(|s| {
+                            Status::failed_precondition(format!(
+                                "directory {d}: subdirectory {:?}: {}",
+                                child.name,
+                                s.message()
+                            ))
+                        })?;
                     if self.queued.insert(c.clone()) {
                         self.pending.push_back(c);
                     }
