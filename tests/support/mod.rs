@@ -131,6 +131,17 @@ impl Nginx {
     }
 }
 
+/// One graceful reload of the nginx running from `dir`; whether it worked.
+fn reload_nginx(dir: &Path) -> bool {
+    Command::new("bash")
+        .arg("scripts/nginx.sh")
+        .arg("reload")
+        .arg(dir)
+        .current_dir(root())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 impl Nginx {
     /// Reloads nginx `n` times, `every` apart (the first after `every`),
     /// while `f` runs; returns `f`'s result and the number of reloads.
@@ -140,14 +151,7 @@ impl Nginx {
             let mut done = 0;
             for _ in 0..n {
                 std::thread::sleep(every);
-                let ok = Command::new("bash")
-                    .arg("scripts/nginx.sh")
-                    .arg("reload")
-                    .arg(&dir)
-                    .current_dir(root())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                done += ok as u32;
+                done += reload_nginx(&dir) as u32;
             }
             done
         });
@@ -166,14 +170,7 @@ impl Nginx {
             let mut n = 0;
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                let ok = Command::new("bash")
-                    .arg("scripts/nginx.sh")
-                    .arg("reload")
-                    .arg(&dir)
-                    .current_dir(root())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                n += ok as u32;
+                n += reload_nginx(&dir) as u32;
             }
             n
         });
