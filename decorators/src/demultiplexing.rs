@@ -251,6 +251,14 @@ impl BlobAccess for Demultiplexing {
         backend.put(&d, data).await
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: blob_access::Reopen) -> Result<()> {
+        let (backend, d) = self
+            .routes
+            .route(digest)
+            .map_err(|e| e.with_digest(digest))?;
+        backend.put_reopenable(&d, open).await
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         // One group per instance name (`serve` gives a call one): one route each.
         let mut groups: Vec<(&str, Vec<Digest>)> = Vec::new();

@@ -231,6 +231,15 @@ impl BlobAccess for ErrorLogging<dyn BlobAccess> {
         result
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: blob_access::Reopen) -> Result<()> {
+        let started = Instant::now();
+        let result = self.backend.put_reopenable(digest, open).await;
+        if let Err(e) = &result {
+            self.log.log("put", Some(digest), started, e);
+        }
+        result
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let started = Instant::now();
         let result = self.backend.find_missing(digests).await;

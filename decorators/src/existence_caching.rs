@@ -124,6 +124,12 @@ impl BlobAccess for ExistenceCaching {
         Ok(())
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: blob_access::Reopen) -> Result<()> {
+        self.backend.put_reopenable(digest, open).await?;
+        self.mark_present([digest]);
+        Ok(())
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let unknown: Vec<Digest> = {
             let mut cache = self.cache();

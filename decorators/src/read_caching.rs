@@ -314,6 +314,14 @@ impl BlobAccess for ReadCaching {
         self.shared.slow.put(digest, data).await
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: blob_access::Reopen) -> Result<()> {
+        if self.write_through {
+            // The copy into `fast` is made as the bytes pass: once.
+            return self.put(digest, open()).await;
+        }
+        self.shared.slow.put_reopenable(digest, open).await
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         self.shared.slow.find_missing(digests).await
     }

@@ -281,6 +281,15 @@ impl BlobAccess for Sharding {
             .map_err(|e| named(e, &shard.path).with_digest(digest))
     }
 
+    async fn put_reopenable(&self, digest: &Digest, open: blob_access::Reopen) -> Result<()> {
+        let shard = self.shards.owner(digest);
+        shard
+            .backend
+            .put_reopenable(digest, open)
+            .await
+            .map_err(|e| named(e, &shard.path).with_digest(digest))
+    }
+
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut parts: Vec<Vec<Digest>> = vec![Vec::new(); self.shards.shards.len()];
         for d in digests {

@@ -295,3 +295,50 @@ async fn a_proxy_cutting_connections_fails_plain_uploads_and_resumable_ones_go_o
         "never continued: {resumed:?}"
     );
 }
+
+/// Decorators above `resumable_grpc` hand a reopenable source on, so a
+/// restart beyond the window still reads it again (a one-shot `put` would fail).
+#[tokio::test]
+async fn decorators_pass_a_reopenable_source_down() {
+    let server = FaultServer::start(Options::default()).await;
+    let blob = test_blob(2 * MIB, 5);
+    let d = Digest::of(&blob);
+    let yaml = format!(
+        r#"
+error_logging:
+  backend:
+    existence_caching:
+      backend:
+        sharding:
+          shards:
+            - backend:
+                demultiplexing:
+                  instance_name_prefixes:
+                    "":
+                      backend:
+                        read_caching:
+                          fast: {{memory: {{max_size_bytes: 1MiB}}}}
+                          slow:
+                            resumable_grpc:
+                              grpc: {{endpoint: "{}", max_batch_size_bytes: 0}}
+                              max_attempts_without_progress: 3
+                              initial_backoff: 1ms
+                              write_replay_window: 256KiB
+"#,
+        server.endpoint()
+    );
+    let config =
+        blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
+    let tree = config
+        .build_cas(&blob_access::BuildContext::root())
+        .unwrap();
+    server.plan_writes([Some(WriteFault::Status {
+        after: MIB as u64 + 5,
+        code: Code::Unavailable,
+    })]);
+    let source = blob.clone();
+    let reopen: Reopen = Arc::new(move || stream(&source));
+    tree.put_reopenable(&d, reopen).await.unwrap();
+    stored(&server, &d, &blob).await;
+    assert_eq!(server.writes().len(), 2);
+}
