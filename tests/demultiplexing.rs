@@ -13,7 +13,6 @@ use blob_access::proto::{
 };
 use std::path::{Path, PathBuf};
 use support::*;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Routes `team-a` to `a` and `team-b` to `b`, each backend seeing the default
@@ -55,14 +54,6 @@ fn proto_digest(text: &str) -> Digest {
         hash: hash.into(),
         size_bytes: size.parse().unwrap(),
     }
-}
-
-async fn channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// Whether the server on `port` has `d` under `instance`, or the status it answered.

@@ -15,14 +15,6 @@ use tonic_health::pb::HealthCheckRequest;
 
 const CAS: &str = "build.bazel.remote.execution.v2.ContentAddressableStorage";
 
-async fn channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 async fn check(port: u16, service: &str) -> Result<ServingStatus, tonic::Code> {
     let mut h = HealthClient::new(channel(port).await);
     h.check(HealthCheckRequest {

@@ -16,7 +16,6 @@ use sha2::Digest as _;
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const FIND_MISSING: &str =
@@ -29,14 +28,6 @@ fn digest_of(data: &[u8]) -> Digest {
         hash: hex::encode(sha2::Sha256::digest(data)),
         size_bytes: data.len() as i64,
     }
-}
-
-async fn channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// A call other clients make while the abusive ones hold their streams.
