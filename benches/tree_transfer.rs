@@ -163,28 +163,24 @@ fn main() {
         &format!("grpc: {{endpoint: \"grpc://127.0.0.1:{}\"}}", theirs.port),
     );
     let out = work.path().join("out");
-    let fetch = best_of(3, || {
-        let out = fresh(&out);
-        timed(
-            Command::new(bin())
-                .args(["fetch-tree", "-q", "--config"])
-                .arg(&config)
-                .arg(&root)
-                .arg(&out),
-        )
-        .0
-    });
-    let fetch_fsync = best_of(3, || {
-        let out = fresh(&out);
-        timed(
-            Command::new(bin())
-                .args(["fetch-tree", "-q", "--fsync", "--config"])
-                .arg(&config)
-                .arg(&root)
-                .arg(&out),
-        )
-        .0
-    });
+    // Best of 3 `fetch-tree` runs into a fresh directory, with `flags`.
+    let fetch_with = |flags: &[&str]| {
+        best_of(3, || {
+            let out = fresh(&out);
+            timed(
+                Command::new(bin())
+                    .args(["fetch-tree", "-q"])
+                    .args(flags)
+                    .arg("--config")
+                    .arg(&config)
+                    .arg(&root)
+                    .arg(&out),
+            )
+            .0
+        })
+    };
+    let fetch = fetch_with(&[]);
+    let fetch_fsync = fetch_with(&["--fsync"]);
     let bgd_down = best_of(3, || {
         let out = fresh(&out);
         timed(

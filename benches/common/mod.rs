@@ -118,23 +118,10 @@ impl Served {
     }
 
     pub fn start(mib: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let blob = dir.path().join("blob");
+        let mut served = Self::empty();
+        let blob = served.dir.path().join("blob");
         write_random(&blob, mib << 20);
-        let port = free_port();
-        let child = Command::new(bin())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .spawn()
-            .unwrap();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let mut served = Served {
-            child,
-            port,
-            digest: Digest::of(b""),
-            dir,
-        };
+        let port = served.port;
         let config = served.config(
             "direct.yaml",
             &format!("grpc: {{endpoint: \"grpc://127.0.0.1:{port}\"}}"),
