@@ -18,6 +18,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo package (the crates stay publishable: each packaged crate builds on its own)"
-cargo package --workspace --locked --allow-dirty --quiet
+# cargo takes a registry crate's name and version for its identity: it unpacks the workspace's
+# crates from its temporary overlay registry into $CARGO_HOME/registry/src/-<hash>/ only once,
+# and reuses what it compiled of them. On a machine that ran this check before, it would verify
+# the crates against older sources of the same version 0.1.0 (CI failed so once). So the check
+# gets its own target directory, and both start empty.
+package_target=target/package-check
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/ "$package_target"
+CARGO_TARGET_DIR="$package_target" cargo package --workspace --locked --allow-dirty --quiet
+rm -rf "$package_target"
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
