@@ -86,12 +86,6 @@ fn serve_proxy(served: &Served, name: &str, yaml: &str) -> (Proxy, u16) {
     (Proxy(child), port)
 }
 
-fn wait_for(port: u16) {
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 struct Nginx(PathBuf);
 
 impl Nginx {

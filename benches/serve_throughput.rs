@@ -17,12 +17,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn wait_for(port: u16) {
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 struct BuildGrid(PathBuf);
 
 impl Drop for BuildGrid {

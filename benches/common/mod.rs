@@ -84,6 +84,13 @@ pub fn timed_cli_get(config: &std::path::Path, digest: impl std::fmt::Display) -
     )
 }
 
+/// Blocks until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_for(port: u16) {
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The smallest of `n` measurements.
 pub fn best_of(n: usize, mut f: impl FnMut() -> f64) -> f64 {
     (0..n).map(|_| f()).fold(f64::MAX, f64::min)
@@ -106,9 +113,7 @@ impl Served {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .spawn()
             .unwrap();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for(port);
         Served {
             child,
             port,
