@@ -162,8 +162,8 @@ impl GrpcBlobAccess {
                 read_offset: range.offset as i64,
                 read_limit: range.limit.unwrap_or(0) as i64,
             });
-            let stream = conn.bytestream_client().read(req).await?.into_inner();
-            Ok::<_, Error>(stream.map_ok(|m| Bytes::from(m.data)).map_err(Error::from))
+            let stream = conn.read_chunks(req).await?;
+            Ok::<_, Error>(stream.map_ok(|m| m.data).map_err(Error::from))
         })
         .try_flatten()
         .boxed()

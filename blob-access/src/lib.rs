@@ -30,6 +30,7 @@ pub mod instance_name;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod read_chunk;
 pub mod resource;
 pub mod server;
 pub mod upload;

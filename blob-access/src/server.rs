@@ -38,6 +38,7 @@ mod capabilities;
 mod cas;
 mod get_tree;
 mod limits;
+mod read_route;
 mod rechunk;
 mod tls;
 mod upload;
@@ -225,7 +226,6 @@ const SERVICE_NAMES: [&str; 4] = [
 ];
 
 fn routes(shared: Shared) -> Routes {
-    use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
     use crate::proto::action_cache_server::ActionCacheServer;
     use crate::proto::capabilities_server::CapabilitiesServer;
     use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
@@ -233,9 +233,8 @@ fn routes(shared: Shared) -> Routes {
     let cas = ContentAddressableStorageServer::new(cas::Cas(shared.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let bytestream = ByteStreamServer::new(bytestream::ByteStream(shared.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let bytestream =
+        read_route::ByteStreamService::new(bytestream::ByteStream(shared.clone()), max);
     let ac = ActionCacheServer::new(action_cache::ActionCacheService(shared.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

@@ -229,6 +229,15 @@ impl GrpcConnection {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// ByteStream Read on the shared channel, its data not copied out of
+    /// tonic's buffers.
+    pub async fn read_chunks(
+        &self,
+        request: tonic::Request<crate::bytestream_proto::ReadRequest>,
+    ) -> std::result::Result<tonic::Streaming<crate::read_chunk::ReadChunk>, tonic::Status> {
+        crate::read_chunk::read(self.channel(), request, MAX_MESSAGE).await
+    }
+
     /// A CAS client on the shared channel.
     pub fn cas_client(&self) -> ContentAddressableStorageClient<Channel> {
         ContentAddressableStorageClient::new(self.channel())

@@ -12,14 +12,16 @@ use crate::bytestream_proto::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse,
 };
+use crate::read_chunk::ReadChunk;
 use crate::resource::{Compressor, ReadResource, WriteResource};
 use crate::{BlobStream, Digest, ReadRange};
 use futures::stream::BoxStream;
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 
 type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
+pub(super) type ChunkStream = BoxStream<'static, Result<ReadChunk, Status>>;
 
 pub(super) struct ByteStream(pub(super) Shared);
 
@@ -55,9 +57,9 @@ fn read_range(req: &ReadRequest, res: &ReadResource) -> Result<ReadRange, Status
 
 /// Ends `messages` with UNAVAILABLE once `killed` resolves.
 fn until_killed(
-    messages: ReadStream,
+    messages: ChunkStream,
     killed: impl Future<Output = ()> + Send + 'static,
-) -> ReadStream {
+) -> ChunkStream {
     let killed: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(killed);
     futures::stream::unfold(Some((messages, killed)), |state| async move {
         let (mut messages, mut killed) = state?;
@@ -71,27 +73,12 @@ fn until_killed(
 }
 
 impl ByteStream {
-    async fn exists(&self, digest: &Digest) -> bool {
-        match self
-            .0
-            .backend
-            .find_missing(std::slice::from_ref(digest))
-            .await
-        {
-            Ok(missing) => missing.is_empty(),
-            Err(e) => {
-                tracing::debug!(error = %e, "existence check before an upload failed");
-                false
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl byte_stream_server::ByteStream for ByteStream {
-    type ReadStream = ReadStream;
-
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+    /// Read, its messages holding the backend's bytes as they are (see
+    /// `read_route`).
+    pub(super) async fn read_chunks(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let (_, extensions, req) = request.into_parts();
         let mut res = ReadResource::parse(&req.resource_name).map_err(invalid)?;
         self.0
@@ -116,7 +103,7 @@ impl byte_stream_server::ByteStream for ByteStream {
         }
         let digest = res.digest.clone();
         let messages = rechunk(data, self.0.cfg.read_chunk_size).map(move |r| match r {
-            Ok(b) => Ok(ReadResponse { data: Vec::from(b) }),
+            Ok(data) => Ok(ReadChunk { data }),
             Err(e) => {
                 tracing::debug!(%digest, error = %e, "read failed in the middle");
                 Err(e.into())
@@ -126,6 +113,38 @@ impl byte_stream_server::ByteStream for ByteStream {
             messages.boxed(),
             self.0.killed(),
         )))
+    }
+
+    async fn exists(&self, digest: &Digest) -> bool {
+        match self
+            .0
+            .backend
+            .find_missing(std::slice::from_ref(digest))
+            .await
+        {
+            Ok(missing) => missing.is_empty(),
+            Err(e) => {
+                tracing::debug!(error = %e, "existence check before an upload failed");
+                false
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl byte_stream_server::ByteStream for ByteStream {
+    type ReadStream = ReadStream;
+
+    /// Required by the generated trait; the served route answers Read with
+    /// `read_chunks` without this copy into a `Vec` (see `read_route`).
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let chunks = self.read_chunks(request).await?;
+        Ok(chunks.map(|s| {
+            s.map_ok(|c| ReadResponse {
+                data: Vec::from(c.data),
+            })
+            .boxed()
+        }))
     }
 
     async fn write(

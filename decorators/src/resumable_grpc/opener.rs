@@ -8,21 +8,18 @@ use super::channels::Channels;
 use super::observe::{Observed, ObservingChannel};
 use super::retry::Failure;
 use super::zstd_decode::decompress;
-use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
 use blob_access::bytestream_proto::ReadRequest;
+use blob_access::read_chunk;
 use blob_access::resource::{Compressor, ReadResource};
 use blob_access::Digest;
-use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryFutureExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// Largest message accepted, as for the plain `grpc` node.
 const MAX_MESSAGE: usize = 64 << 20;
 
-type Client = ByteStreamClient<ObservingChannel<Channel>>;
 type Decorate = Arc<dyn Fn(ReadRequest) -> tonic::Request<ReadRequest> + Send + Sync>;
 
 /// Opens ByteStream Read attempts of one blob through the node's channels.
@@ -91,15 +88,14 @@ impl ByteStreamOpener {
             self.channels.current()
         };
         self.used.store(number, Ordering::Relaxed);
-        let mut client: Client = ByteStreamClient::new(ObservingChannel::new(channel))
-            .max_decoding_message_size(MAX_MESSAGE);
-        let stream = match client.read(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Err(Failure::from_status(status, observed.sent())),
-        };
+        let stream =
+            match read_chunk::read(ObservingChannel::new(channel), request, MAX_MESSAGE).await {
+                Ok(stream) => stream,
+                Err(status) => return Err(Failure::from_status(status, observed.sent())),
+            };
         let bytes = stream
             .map(move |m| {
-                m.map(|m| Bytes::from(m.data))
+                m.map(|m| m.data)
                     .map_err(|status| Failure::from_status(status, observed.sent()))
             })
             .boxed();
