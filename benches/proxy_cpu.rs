@@ -4,7 +4,9 @@
 //! - `serve` with `resumable_grpc` to the upstream (verifies every byte;
 //!   goal: <= 1.0 CPU-s/GiB);
 //! - `serve` with the plain `grpc` node (verifies too);
-//! - nginx's `grpc_pass` (one worker; hashes nothing), the anchor.
+//! - nginx's `grpc_pass` (one worker; hashes nothing), the anchor;
+//! - SHA-256 alone over memory in this process: with nginx's relay, the floor
+//!   of any proxy that verifies what it passes on.
 //!
 //! The client is this process (a `grpc` node that verifies); only the
 //! proxy's own user+system time is counted, read from /proc.
@@ -120,6 +122,24 @@ impl Drop for Nginx {
     }
 }
 
+/// Seconds per GiB of one SHA-256 pass over memory (best of 3), the part of a
+/// verifying proxy's CPU that no relay design removes.
+fn sha256_per_gib() -> f64 {
+    use sha2::Digest as _;
+    let buf = vec![7u8; 64 << 20];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let mut h = sha2::Sha256::new();
+        for _ in 0..16 {
+            h.update(&buf);
+        }
+        std::hint::black_box(h.finalize());
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    best
+}
+
 fn main() {
     if listing_only() {
         return;
@@ -153,11 +173,18 @@ fn main() {
     row("serve, grpc", plain_cpu);
 
     let port = free_port();
+    let sha = sha256_per_gib();
+    println!("  {:34} {sha:5.2} s/GiB", "sha256 alone, one core");
     match Nginx::start(served.path("nginx"), port, up) {
-        Some(nginx) => row(
-            "nginx grpc_pass (anchor)",
-            per_gib(&rt, &nginx.pids(), port, &served),
-        ),
+        Some(nginx) => {
+            let relay = per_gib(&rt, &nginx.pids(), port, &served);
+            row("nginx grpc_pass (anchor)", relay);
+            println!(
+                "  {:34} {:5.2} CPU-s/GiB",
+                "floor: sha256 + nginx's relay",
+                sha + relay.0
+            );
+        }
         None => println!("  nginx grpc_pass: nginx did not start (run scripts/setup-test-env.sh)"),
     }
     // The upstream reads from memory, verifies nothing, and sends: the floor of a hop.
