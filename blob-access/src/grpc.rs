@@ -9,7 +9,7 @@ mod connection;
 mod credential_helper;
 
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
-pub use connection::{Capabilities, GrpcConnection};
+pub use connection::{Capabilities, GrpcConnection, MAX_MESSAGE};
 
 use crate::bytestream_proto::{ReadRequest, WriteRequest};
 use crate::node::Counters;

@@ -13,7 +13,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Largest gRPC message we send or accept.
-const MAX_MESSAGE: usize = 64 << 20;
+pub const MAX_MESSAGE: usize = 64 << 20;
 /// Batch limit when the server does not say.
 const DEFAULT_BATCH: u64 = 4 << 20;
 

@@ -58,8 +58,8 @@ impl ResumableGrpcActionCache {
     /// A client whose calls record the status the server sent.
     fn client(&self, channel: Channel) -> Client {
         ActionCacheClient::new(ObservingChannel::new(channel))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(blob_access::grpc::MAX_MESSAGE)
+            .max_encoding_message_size(blob_access::grpc::MAX_MESSAGE)
     }
 
     /// Makes `call` (given a client and the record to attach to its request)

@@ -9,6 +9,7 @@ use super::observe::{Observed, ObservingChannel};
 use super::retry::Failure;
 use super::zstd_decode::decompress;
 use blob_access::bytestream_proto::ReadRequest;
+use blob_access::grpc::MAX_MESSAGE;
 use blob_access::read_chunk;
 use blob_access::resource::{Compressor, ReadResource};
 use blob_access::Digest;
@@ -16,9 +17,6 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryFutureExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Largest message accepted, as for the plain `grpc` node.
-const MAX_MESSAGE: usize = 64 << 20;
 
 type Decorate = Arc<dyn Fn(ReadRequest) -> tonic::Request<ReadRequest> + Send + Sync>;
 

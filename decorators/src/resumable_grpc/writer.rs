@@ -29,6 +29,7 @@ use super::retry::Failure;
 use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
 use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest};
 use blob_access::grpc::GrpcConnection;
+use blob_access::grpc::MAX_MESSAGE;
 use blob_access::node::Counters;
 use blob_access::proto::content_addressable_storage_client::ContentAddressableStorageClient;
 use blob_access::proto::{batch_update_blobs_request, BatchUpdateBlobsRequest};
@@ -41,9 +42,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::transport::Channel;
-
-/// Largest gRPC message, as for the plain `grpc` node.
-const MAX_MESSAGE: usize = 64 << 20;
 
 /// The caller's bytes: a verified stream, the window of those last sent, and
 /// how to read them again if the source allows.
