@@ -130,6 +130,7 @@ impl Default for ServerConfig {
 /// (loopback) link without waiting for WINDOW_UPDATEs.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+const MAX_FRAME: u32 = 1 << 20;
 /// HTTP/2 pings to idle clients, so connections of clients that vanished
 /// (no FIN: a crashed machine, a dropped NAT entry) are closed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -356,6 +357,9 @@ where
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // Uploads arrive in frames up to this size (16 KiB by default): fewer
+        // frames, fewer writes on the client and wakeups here.
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(shared.cfg.max_concurrent_streams)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

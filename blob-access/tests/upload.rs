@@ -97,3 +97,25 @@ async fn a_missing_file_is_named() {
         .unwrap_err();
     assert!(e.to_string().contains("/nonexistent/file"), "{e}");
 }
+
+#[tokio::test]
+async fn many_files_across_groups_keep_their_order() {
+    // More files than one hand-off to a hashing or reading thread takes, of
+    // sizes that also cut the reading groups by bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let cas = MemoryBlobAccess::new("memory", 256 << 20);
+    let content = |i: usize| -> Vec<u8> { vec![(i % 251) as u8; (i * 7919) % (600 << 10)] };
+    let paths: Vec<_> = (0..300)
+        .map(|i| {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, content(i)).unwrap();
+            p
+        })
+        .collect();
+    let report = put_files(&cas, &paths, 8, &|_| {}).await.unwrap();
+    assert_eq!(report.digests.len(), 300);
+    for (i, d) in report.digests.iter().enumerate() {
+        assert_eq!(*d, Digest::of(&content(i)), "file {i}");
+    }
+    assert!(cas.find_missing(&report.digests).await.unwrap().is_empty());
+}
