@@ -164,14 +164,24 @@ impl BlobAccess for MemoryBlobAccess {
             }
             return Ok(());
         }
-        let mut buf = BytesMut::with_capacity(size as usize);
+        // Memory follows the bytes that arrive, never the size a client
+        // claims: an upload naming 40 GiB that sends one byte reserves nothing.
+        let mut chunks = Vec::new();
         let mut s = verify(digest, ReadRange::FULL, &self.name, data);
         while let Some(c) = s.next().await {
-            buf.extend_from_slice(&c?);
+            chunks.push(c?);
         }
+        let blob = match <[Bytes; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(chunks) => {
+                let mut buf = BytesMut::with_capacity(size as usize);
+                chunks.iter().for_each(|c| buf.extend_from_slice(c));
+                buf.freeze()
+            }
+        };
         self.counters.add("bytes_written", size);
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        let evicted = store.insert(digest.without_instance_name(), buf.freeze(), self.max_size);
+        let evicted = store.insert(digest.without_instance_name(), blob, self.max_size);
         self.counters.add("evictions", evicted);
         Ok(())
     }
@@ -236,6 +246,29 @@ mod tests {
             m.find_missing(std::slice::from_ref(&d)).await.unwrap(),
             vec![d]
         );
+    }
+
+    #[tokio::test]
+    async fn a_claimed_size_reserves_no_memory() {
+        // A client naming a 1 TiB blob and sending one byte: reserving the
+        // claimed size up front aborts the process.
+        let m = MemoryBlobAccess::new("m", 2 << 40);
+        let hash = "ab".repeat(32);
+        let d = Digest::new(crate::DigestFunction::Sha256, hash, 1 << 40).unwrap();
+        let err = m.put(&d, once(Bytes::from_static(b"x"))).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "{err}");
+        assert_eq!(m.size_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_blob_sent_in_pieces_is_stored_whole() {
+        let m = MemoryBlobAccess::new("m", 100);
+        let d = Digest::of(b"in three pieces");
+        let pieces = [&b"in "[..], b"three", b" pieces"].map(Bytes::from_static);
+        let data = futures::stream::iter(pieces.map(Ok)).boxed();
+        m.put(&d, data).await.unwrap();
+        let got = read_to_bytes(&m, &d, ReadRange::FULL, 100).await.unwrap();
+        assert_eq!(&got[..], b"in three pieces");
     }
 
     #[tokio::test]
