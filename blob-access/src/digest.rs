@@ -192,6 +192,20 @@ impl Digest {
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
+
+    /// Whether this is the digest of no bytes, which REAPI servers must treat
+    /// as always present.
+    ///
+    /// ```
+    /// use blob_access::Digest;
+    /// assert!(Digest::of(b"").is_empty_blob());
+    /// assert!(!Digest::of(b"x").is_empty_blob());
+    /// ```
+    pub fn is_empty_blob(&self) -> bool {
+        const EMPTY_SHA256: &str =
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        self.size_bytes == 0 && self.function == DigestFunction::Sha256 && self.hash == EMPTY_SHA256
+    }
     pub fn function(&self) -> DigestFunction {
         self.function
     }

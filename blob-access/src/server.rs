@@ -36,6 +36,7 @@ mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod empty_blob;
 mod get_tree;
 mod limits;
 mod read_route;
@@ -209,7 +210,7 @@ pub fn services(storage: impl Into<Storage>, cfg: ServerConfig) -> Routes {
 impl Shared {
     fn new(storage: Storage, cfg: ServerConfig, kill: watch::Receiver<bool>) -> Self {
         Shared {
-            backend: storage.cas,
+            backend: Arc::new(empty_blob::EmptyBlobAlwaysPresent(storage.cas)),
             action_cache: storage.action_cache,
             uploads: limits::UploadSlots::new(cfg.max_uploads_per_connection),
             cfg: Arc::new(cfg),
@@ -300,7 +301,18 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
             if tokio::net::UnixStream::connect(path).await.is_ok() {
                 return Err(context(e));
             }
-            // Left behind by a server that died: nobody answers on it.
+            // Only a socket left behind by a server that died (nobody answers
+            // on it) is removed; any other file there is not ours to delete.
+            use std::os::unix::fs::FileTypeExt;
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if !is_socket {
+                return Err(Error::invalid_argument(format!(
+                    "listening on unix:{}: the path exists and is not a socket; \
+                     remove it or choose another path",
+                    path.display()
+                )));
+            }
             std::fs::remove_file(path).map_err(context)?;
             tokio::net::UnixListener::bind(path).map_err(context)
         }

@@ -22,7 +22,8 @@ async fn write_then_read_at_edge_sizes() {
             .await
             .unwrap();
         assert_eq!(committed, size as i64);
-        assert!(server.stored(&d).await, "{size}");
+        // The empty blob is always present, so its upload ends at once.
+        assert!(size == 0 || server.stored(&d).await, "{size}");
         let (got, sizes) = read(&mut c, &read_name(&d), 0, 0).await.unwrap();
         assert!(
             got == data,
@@ -73,7 +74,7 @@ async fn read_offset_and_limit() {
     }
     for (offset, limit, code) in [
         (size + 1, 0, Code::OutOfRange),
-        (-1, 0, Code::InvalidArgument),
+        (-1, 0, Code::OutOfRange),
         (0, -1, Code::InvalidArgument),
     ] {
         let err = read(&mut c, &read_name(&d), offset, limit)
@@ -281,4 +282,21 @@ async fn cancelled_read_drops_the_backend_stream() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn the_empty_blob_is_always_present() {
+    // REAPI: servers behave as though the empty blob is always available,
+    // even if it was never uploaded (clients never upload it).
+    let server = start(ServerConfig::default()).await;
+    let mut c = server.bytestream().await;
+    let empty = Digest::of(b"");
+    assert!(!server.stored(&empty).await, "nothing was uploaded");
+    let (got, _) = read(&mut c, &read_name(&empty), 0, 0).await.unwrap();
+    assert!(got.is_empty());
+    let zstd = format!("compressed-blobs/zstd/{}/0", empty.hash());
+    let (got, _) = read(&mut c, &zstd, 0, 0).await.unwrap();
+    assert!(zstd::decode_all(&got[..]).unwrap().is_empty());
+    let err = read(&mut c, &read_name(&empty), 1, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
 }

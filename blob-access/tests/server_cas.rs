@@ -149,6 +149,25 @@ async fn batches_over_the_limit_are_refused() {
         cas.batch_read_blobs(req).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // Compressed, the two blobs are a few bytes on the wire; the limit is
+    // on what they hold.
+    let zeros = bytes::Bytes::from(vec![0u8; 1000]);
+    let dz = blob_access::Digest::of(&zeros);
+    let packed = zstd::encode_all(&zeros[..], 3).unwrap();
+    assert!(packed.len() < 100);
+    let request = batch_update_blobs_request::Request {
+        digest: Some(dz.to_proto()),
+        data: packed,
+        compressor: compressor::Value::Zstd as i32,
+    };
+    let req = BatchUpdateBlobsRequest {
+        instance_name: String::new(),
+        requests: vec![request.clone(), request],
+        digest_function: 0,
+    };
+    let err = cas.batch_update_blobs(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(!server.stored(&dz).await);
 }
 
 #[tokio::test]
@@ -213,4 +232,33 @@ async fn a_configured_instance_name_is_enforced() {
         .await
         .unwrap();
     assert!(got == data);
+}
+
+#[tokio::test]
+async fn the_empty_blob_is_never_missing_and_reads_back_empty() {
+    let server = start(ServerConfig::default()).await;
+    let mut cas = server.cas().await;
+    let empty = blob_access::Digest::of(b"");
+    let (_, other) = blob(10, 3);
+    let r = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            instance_name: "i".into(),
+            blob_digests: vec![empty.to_proto(), other.to_proto(), empty.to_proto()],
+            digest_function: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().missing_blob_digests, vec![other.to_proto()]);
+    let r = cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            instance_name: String::new(),
+            digests: vec![empty.to_proto()],
+            acceptable_compressors: vec![],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code_of(&r.responses[0].status), Code::Ok);
+    assert!(r.responses[0].data.is_empty());
 }

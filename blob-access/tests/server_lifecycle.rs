@@ -67,6 +67,20 @@ async fn serves_on_a_unix_socket() {
 }
 
 #[tokio::test]
+async fn a_file_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("precious");
+    std::fs::write(&path, "precious data").unwrap();
+    let memory = Arc::new(MemoryBlobAccess::new("memory", 1 << 20));
+    let err = serve_unix(memory, ServerConfig::default(), &path, async {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious data");
+}
+
+#[tokio::test]
 async fn shutdown_lets_a_running_read_finish_and_refuses_new_connections() {
     let mut server = start(ServerConfig::default()).await;
     let (data, d) = blob(20 << 20, 2);

@@ -31,10 +31,17 @@ pub(super) fn invalid(e: impl std::fmt::Display) -> Status {
 
 /// The backend range of a read, checked the way REAPI asks.
 fn read_range(req: &ReadRequest, res: &ReadResource) -> Result<ReadRange, Status> {
-    if req.read_offset < 0 || req.read_limit < 0 {
+    // ByteStream: a negative read_offset is OUT_OF_RANGE, a negative read_limit "an error".
+    if req.read_offset < 0 {
+        return Err(Status::out_of_range(format!(
+            "read_offset ({}) must not be negative",
+            req.read_offset
+        )));
+    }
+    if req.read_limit < 0 {
         return Err(invalid(format!(
-            "read_offset ({}) and read_limit ({}) must not be negative",
-            req.read_offset, req.read_limit
+            "read_limit ({}) must not be negative",
+            req.read_limit
         )));
     }
     if res.compressor == Compressor::Zstd && req.read_limit != 0 {

@@ -166,7 +166,15 @@ impl ContentAddressableStorage for Cas {
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Write)?;
         check_digest_function(req.digest_function)?;
-        let total = req.requests.iter().map(|r| r.data.len() as u64).sum();
+        // Blob sizes, not bytes on the wire: 40 KB of zstd can name 1 GiB.
+        let total = req
+            .requests
+            .iter()
+            .map(|r| {
+                let size = r.digest.as_ref().map_or(0, |d| d.size_bytes.max(0) as u64);
+                size.max(r.data.len() as u64)
+            })
+            .sum();
         self.check_total(total, "a batch update")?;
         let instance_name = &req.instance_name;
         let responses = futures::stream::iter(req.requests)
