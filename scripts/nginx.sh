@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a private nginx (not the system service) as an HTTP/2 gRPC reverse proxy for tests.
 #   scripts/nginx.sh start DIR PORT UPSTREAM_PORT  # 127.0.0.1:PORT (h2c) -> grpc://127.0.0.1:UPSTREAM_PORT
+#     NGINX_KEEPALIVE_REQUESTS=N: GOAWAY to a client after N requests on a connection (default: never)
 #   scripts/nginx.sh reload DIR                    # SIGHUP: new workers; old ones get 200 ms to finish
 #   scripts/nginx.sh stop DIR
 # Everything (config, pid, logs, temp files) lives in DIR.
@@ -68,7 +69,7 @@ http {
     client_max_body_size 0;
     client_body_timeout 1h;
     keepalive_timeout 1h;
-    keepalive_requests 1000000;
+    keepalive_requests ${NGINX_KEEPALIVE_REQUESTS:-1000000};
     send_timeout 1h;
 
     server {

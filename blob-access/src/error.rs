@@ -59,6 +59,12 @@ impl Error {
         self.digest.get_or_insert_with(|| Box::new(digest.clone()));
         self
     }
+    /// Says what was being done: `"FindMissingBlobs"` makes the message
+    /// `FindMissingBlobs: <message>`.
+    pub fn in_call(mut self, what: &str) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
     pub fn with_retry_delay(mut self, delay: Option<std::time::Duration>) -> Self {
         self.retry_delay = delay;
         self

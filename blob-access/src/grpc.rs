@@ -4,10 +4,12 @@
 //! middle is an error here (`resumable_grpc` is the node that resumes).
 
 mod batch;
+mod calls;
 mod config;
 mod connection;
 mod credential_helper;
 
+pub use calls::{CallsOnce, CasCalls};
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
 pub use connection::{Capabilities, GrpcConnection, MAX_MESSAGE};
 
@@ -46,6 +48,7 @@ const COUNTERS: &[&str] = &[
 /// See the module documentation.
 pub struct GrpcBlobAccess {
     conn: GrpcConnection,
+    calls: Arc<dyn CasCalls>,
     counters: Arc<Counters>,
     /// Small full reads, coalesced into BatchReadBlobs calls.
     reads: Arc<Coalescer<Digest, Bytes>>,
@@ -55,17 +58,24 @@ pub struct GrpcBlobAccess {
 
 impl GrpcBlobAccess {
     pub fn new(conn: GrpcConnection) -> Self {
+        let calls = Arc::new(CallsOnce(conn.clone()));
+        Self::with_calls(conn, calls)
+    }
+
+    /// A node whose unary CAS calls are made by `calls` (e.g. retried).
+    pub fn with_calls(conn: GrpcConnection, calls: Arc<dyn CasCalls>) -> Self {
         let counters = Arc::new(Counters::new(COUNTERS));
-        let (c, n) = (conn.clone(), counters.clone());
+        let (c, k, n) = (conn.clone(), calls.clone(), counters.clone());
         let reads = Coalescer::new(Arc::new(move |digests| {
-            Self::read_batch(c.clone(), n.clone(), digests).boxed()
+            Self::read_batch(c.clone(), k.clone(), n.clone(), digests).boxed()
         }));
-        let (c, n) = (conn.clone(), counters.clone());
+        let (c, k, n) = (conn.clone(), calls.clone(), counters.clone());
         let updates = Coalescer::new(Arc::new(move |blobs| {
-            Self::update_batch(c.clone(), n.clone(), blobs).boxed()
+            Self::update_batch(c.clone(), k.clone(), n.clone(), blobs).boxed()
         }));
         GrpcBlobAccess {
             conn,
+            calls,
             counters,
             reads,
             updates,
@@ -89,17 +99,19 @@ impl GrpcBlobAccess {
     /// answers each, in order. The bytes are verified by `get`, as any other read.
     async fn read_batch(
         conn: GrpcConnection,
+        calls: Arc<dyn CasCalls>,
         counters: Arc<Counters>,
         digests: Vec<Digest>,
     ) -> Vec<Result<Bytes>> {
         let groups = by_instance(digests.iter().cloned());
         if groups.len() == 1 {
-            return Self::read_batch_of_one_instance(conn, counters, digests).await;
+            return Self::read_batch_of_one_instance(conn, &*calls, counters, digests).await;
         }
         let calls = groups.into_values().map(|group| {
-            let (conn, counters) = (conn.clone(), counters.clone());
+            let (conn, calls, counters) = (conn.clone(), calls.clone(), counters.clone());
             async move {
-                let results = Self::read_batch_of_one_instance(conn, counters, group.clone()).await;
+                let results =
+                    Self::read_batch_of_one_instance(conn, &*calls, counters, group.clone()).await;
                 group.into_iter().zip(results).collect::<Vec<_>>()
             }
         });
@@ -113,18 +125,19 @@ impl GrpcBlobAccess {
 
     async fn read_batch_of_one_instance(
         conn: GrpcConnection,
+        calls: &dyn CasCalls,
         counters: Arc<Counters>,
         digests: Vec<Digest>,
     ) -> Vec<Result<Bytes>> {
         counters.inc("batch_reads");
         let unique = distinct(digests.iter());
-        let req = conn.request(BatchReadBlobsRequest {
+        let req = BatchReadBlobsRequest {
             instance_name: conn.instance_name_for(&digests[0]),
             digests: unique.iter().map(|d| d.to_proto()).collect(),
             ..Default::default()
-        });
-        let answered = match conn.cas_client().batch_read_blobs(req).await {
-            Ok(r) => r.into_inner().responses.into_iter().map(|r| {
+        };
+        let answered = match calls.batch_read_blobs(req).await {
+            Ok(r) => r.responses.into_iter().map(|r| {
                 let result = match (status_result(r.status), r.compressor) {
                     (Ok(()), 0) => Ok(Bytes::from(r.data)),
                     (Ok(()), c) => Err(Error::internal(format!(
@@ -134,7 +147,7 @@ impl GrpcBlobAccess {
                 };
                 (r.digest, result)
             }),
-            Err(s) => return vec![Err(Error::from(s)); digests.len()],
+            Err(e) => return vec![Err(e); digests.len()],
         };
         let found = match match_responses(&unique, answered, "BatchReadBlobs") {
             Ok(found) => found,
@@ -186,12 +199,13 @@ impl GrpcBlobAccess {
     /// answers each, in order.
     async fn update_batch(
         conn: GrpcConnection,
+        calls: Arc<dyn CasCalls>,
         counters: Arc<Counters>,
         blobs: Vec<(Digest, Bytes)>,
     ) -> Vec<Result<()>> {
         let groups = by_instance(blobs.iter().map(|(d, _)| d.clone()));
         if groups.len() == 1 {
-            return Self::update_batch_of_one_instance(conn, counters, blobs).await;
+            return Self::update_batch_of_one_instance(conn, &*calls, counters, blobs).await;
         }
         let mut parts: BTreeMap<String, Vec<(Digest, Bytes)>> = BTreeMap::new();
         for (d, data) in &blobs {
@@ -201,10 +215,11 @@ impl GrpcBlobAccess {
                 .push((d.clone(), data.clone()));
         }
         let calls = parts.into_values().map(|part| {
-            let (conn, counters) = (conn.clone(), counters.clone());
+            let (conn, calls, counters) = (conn.clone(), calls.clone(), counters.clone());
             async move {
                 let digests: Vec<Digest> = part.iter().map(|(d, _)| d.clone()).collect();
-                let results = Self::update_batch_of_one_instance(conn, counters, part).await;
+                let results =
+                    Self::update_batch_of_one_instance(conn, &*calls, counters, part).await;
                 digests.into_iter().zip(results).collect::<Vec<_>>()
             }
         });
@@ -218,6 +233,7 @@ impl GrpcBlobAccess {
 
     async fn update_batch_of_one_instance(
         conn: GrpcConnection,
+        calls: &dyn CasCalls,
         counters: Arc<Counters>,
         blobs: Vec<(Digest, Bytes)>,
     ) -> Vec<Result<()>> {
@@ -233,18 +249,21 @@ impl GrpcBlobAccess {
             })
             .collect();
         let unique = distinct(blobs.iter().map(|(d, _)| d));
-        let req = conn.request(BatchUpdateBlobsRequest {
+        let req = BatchUpdateBlobsRequest {
             instance_name: conn.instance_name_for(&blobs[0].0),
             requests,
             ..Default::default()
-        });
-        let answered = match conn.cas_client().batch_update_blobs(req).await {
+        };
+        let answered = match calls.batch_update_blobs(req).await {
             Ok(r) => r
-                .into_inner()
                 .responses
                 .into_iter()
-                .map(|r| (r.digest, status_result(r.status))),
-            Err(s) => return vec![Err(Error::from(s)); blobs.len()],
+                .map(|r| match status_result(r.status) {
+                    // Some servers say so of a blob they had: it is stored.
+                    Err(e) if e.code() == Code::AlreadyExists => (r.digest, Ok(())),
+                    result => (r.digest, result),
+                }),
+            Err(e) => return vec![Err(e); blobs.len()],
         };
         let found = match match_responses(&unique, answered, "BatchUpdateBlobs") {
             Ok(found) => found,
@@ -403,18 +422,16 @@ impl GrpcBlobAccess {
     ) -> Result<()> {
         let upstream = crate::instance_name::join(self.conn.instance_name(), instance);
         for batch in wanted.chunks(FIND_MISSING_BATCH) {
-            let req = self.conn.request(FindMissingBlobsRequest {
+            let req = FindMissingBlobsRequest {
                 instance_name: upstream.clone(),
                 blob_digests: batch.iter().map(|d| d.to_proto()).collect(),
                 ..Default::default()
-            });
+            };
             let resp = self
-                .conn
-                .cas_client()
+                .calls
                 .find_missing_blobs(req)
                 .await
-                .map_err(|s| self.fail(s, None))?
-                .into_inner();
+                .map_err(|e| self.fail(e, None))?;
             for d in resp.missing_blob_digests {
                 let d = Digest::from_proto(crate::DigestFunction::Sha256, &d).map_err(|e| {
                     self.fail(

@@ -7,13 +7,15 @@
 //! delivered, as often as the retry budget allows, and verifies the digest
 //! across all the attempts. Uploads cut the same ways are resumed at the
 //! `committed_size` the server reports, or started again (`writer`).
-//! Existence checks go to a plain `grpc` backend on the same channel. In an
-//! action cache tree, calls are retried on transport failures
+//! Existence checks and small blobs go through a `grpc` node inside this one,
+//! coalesced into batch calls that are retried when cut ([`unary`]). In an
+//! action cache tree, calls are retried the same way
 //! ([`ResumableGrpcActionCache`]).
 
 mod action_cache;
 mod attempt;
 mod budget;
+mod cas_calls;
 mod channels;
 mod observe;
 mod opener;
@@ -21,6 +23,7 @@ mod reader;
 mod reads;
 mod recheck;
 mod retry;
+mod unary;
 mod writer;
 mod zstd_decode;
 
@@ -31,7 +34,7 @@ pub use observe::{Observed, ObservingChannel};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
-pub use retry::{classify, Failure, Origin, RetryPolicy, Verdict};
+pub use retry::{classify, never_processed, Failure, Origin, RetryPolicy, Verdict};
 pub use writer::ResumableWrites;
 
 use blob_access::action_cache::{ActionCache, GrpcActionCache};
@@ -42,8 +45,10 @@ use blob_access::{
     BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
     Reopen, Result,
 };
-use futures::FutureExt;
+use cas_calls::RetryingCasCalls;
+use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
+use unary::UnaryRetry;
 
 /// Config node `resumable_grpc: {grpc: {endpoint: ...}, max_attempts_without_progress: 5}`.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
@@ -153,7 +158,8 @@ impl<N> ChildNodes<N> for ResumableGrpcConfig {}
 
 /// See the module documentation.
 pub struct ResumableGrpcBlobAccess {
-    plain: GrpcBlobAccess,
+    /// FindMissingBlobs and small blobs in coalesced batch calls, retried.
+    plain: Arc<GrpcBlobAccess>,
     reads: ResumableReads,
     writes: ResumableWrites,
     /// Reads and writes start on the shared channel and move to new ones as needed.
@@ -165,6 +171,15 @@ impl ResumableGrpcBlobAccess {
         let fresh = conn.clone();
         let channels = Arc::new(Channels::new(conn.channel(), move || fresh.new_channel()));
         let reads = ResumableReads::new(conn.name(), policy.clone());
+        let unary = Arc::new(UnaryRetry {
+            policy: policy.clone(),
+            channels: channels.clone(),
+            counters: reads.counters(),
+        });
+        let calls = Arc::new(RetryingCasCalls {
+            conn: conn.clone(),
+            unary,
+        });
         let writes = ResumableWrites::new(
             conn.clone(),
             channels.clone(),
@@ -176,7 +191,7 @@ impl ResumableGrpcBlobAccess {
             reads,
             writes,
             channels,
-            plain: GrpcBlobAccess::new(conn),
+            plain: Arc::new(GrpcBlobAccess::with_calls(conn, calls)),
         }
     }
 
@@ -200,8 +215,10 @@ impl ResumableGrpcBlobAccess {
             return self.plain.put(digest, data).await;
         }
         let conn = self.plain.connection();
-        let batch = digest.size_bytes() <= conn.batch_limit().await.unwrap_or(0);
-        self.writes.put(digest, data, reopen, batch).await
+        if digest.size_bytes() <= conn.batch_limit().await.unwrap_or(0) {
+            return self.plain.put(digest, data).await;
+        }
+        self.writes.put(digest, data, reopen).await
     }
 }
 
@@ -226,7 +243,19 @@ impl BlobAccess for ResumableGrpcBlobAccess {
             Compression::Zstd => Compressor::Zstd,
             Compression::None => Compressor::Identity,
         };
-        self.reads.get(Arc::new(opener), digest, range, compressor)
+        let resuming = self.reads.get(Arc::new(opener), digest, range, compressor);
+        // A small whole blob goes in a batch with others, retried as a whole.
+        let (plain, digest) = (self.plain.clone(), digest.clone());
+        futures::stream::once(async move {
+            let limit = conn.batch_limit().await.unwrap_or(0);
+            if range.is_full() && digest.size_bytes() <= limit {
+                plain.get(&digest, range)
+            } else {
+                resuming
+            }
+        })
+        .flatten()
+        .boxed()
     }
 
     async fn put(&self, digest: &Digest, data: BlobStream) -> Result<()> {

@@ -405,7 +405,8 @@ async fn the_retry_budget_is_respected() {
     assert_eq!(err.digest(), Some(&a));
     assert_eq!(err.backend(), Some("ac.resumable_grpc"));
     assert!(
-        err.message().starts_with("gave up after 3 attempts: "),
+        err.message()
+            .starts_with("GetActionResult: gave up after 3 attempts: "),
         "{err}"
     );
     assert_eq!(server.calls(), 3);

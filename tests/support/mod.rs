@@ -43,8 +43,13 @@ pub fn free_port() -> u16 {
 }
 
 fn script(args: &[&str]) {
+    script_env(&[], args)
+}
+
+fn script_env(env: &[(&str, &str)], args: &[&str]) {
     let out = Command::new("bash")
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .output()
         .unwrap();
@@ -111,15 +116,27 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(upstream_port: u16) -> Nginx {
+        Self::start_with_requests_cap(upstream_port, None)
+    }
+    /// nginx that sends GOAWAY to a client after `cap` requests on a connection.
+    pub fn start_with_requests_cap(upstream_port: u16, cap: Option<u32>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        script(&[
-            "scripts/nginx.sh",
-            "start",
-            dir.path().to_str().unwrap(),
-            &port.to_string(),
-            &upstream_port.to_string(),
-        ]);
+        let cap = cap.map(|n| n.to_string());
+        let env: Vec<(&str, &str)> = cap
+            .iter()
+            .map(|n| ("NGINX_KEEPALIVE_REQUESTS", n.as_str()))
+            .collect();
+        script_env(
+            &env,
+            &[
+                "scripts/nginx.sh",
+                "start",
+                dir.path().to_str().unwrap(),
+                &port.to_string(),
+                &upstream_port.to_string(),
+            ],
+        );
         Nginx { dir, port }
     }
     pub fn reload(&self) {

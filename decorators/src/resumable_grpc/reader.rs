@@ -11,7 +11,7 @@
 //! dropping it drops the attempt in flight (cancelling the RPC) and any wait.
 
 use super::attempt::{AttemptRequest, AttemptStream, ReadOpener};
-use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict};
+use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict, REFUSED_PER_ATTEMPT};
 use blob_access::node::Counters;
 use blob_access::resource::Compressor;
 use blob_access::{Code, Digest, Error, ReadRange, Result};
@@ -42,6 +42,8 @@ pub const COUNTERS: &[&str] = &[
     "bytes_resent",
     "source_rereads",
     "writes_found_complete",
+    "retries",
+    "refused_retries",
 ];
 
 /// What one read shares with the layer above it (see `recheck`).
@@ -83,6 +85,8 @@ pub struct ResumingReader {
     delivered: u64,
     attempts: u32,
     in_a_row: u32,
+    /// Attempts in a row the server never saw (refused streams).
+    refused: u32,
     this_attempt: u64,
     started: Option<Instant>,
     /// Fires when the attempt in flight has delivered nothing for `stall_timeout`.
@@ -123,6 +127,7 @@ impl ResumingReader {
             delivered: 0,
             attempts: 0,
             in_a_row: 0,
+            refused: 0,
             this_attempt: 0,
             started: None,
             stall: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -176,7 +181,13 @@ impl ResumingReader {
     /// Decides what follows a failed attempt: the next state, or the error to report.
     fn after_failure(&mut self, f: Failure) -> std::result::Result<State, Error> {
         let progress = self.this_attempt > 0;
-        self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
+        // A refused attempt says nothing of the server: it spends its own,
+        // larger, budget (see `REFUSED_PER_ATTEMPT`), not the one of failures.
+        let refused = f.unprocessed && !progress;
+        self.refused = if refused { self.refused + 1 } else { 0 };
+        if !refused {
+            self.in_a_row = if progress { 0 } else { self.in_a_row + 1 };
+        }
         // One transport failure may be a connection killed under us (the
         // channel reconnects by itself). An attempt that then fails on the
         // transport before its first byte suggests a connection that stays
@@ -240,9 +251,17 @@ impl ResumingReader {
             let why = format!("{} attempts in a row delivered no byte", self.in_a_row);
             return give_up(Code::Unavailable, why);
         }
+        if self.refused >= self.policy.max_attempts_without_progress * REFUSED_PER_ATTEMPT {
+            let why = format!(
+                "{} attempts in a row were refused unprocessed",
+                self.refused
+            );
+            return give_up(Code::Unavailable, why);
+        }
+        let backoff = if refused { 1 } else { self.in_a_row };
         let delay = self
             .policy
-            .backoff(self.in_a_row)
+            .backoff(backoff)
             .max(server_delay.unwrap_or_default());
         if let (Some(limit), Some(started)) = (self.policy.deadline, self.started) {
             if started.elapsed() + delay >= limit {

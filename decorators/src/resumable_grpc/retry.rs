@@ -33,6 +33,8 @@ pub struct Failure {
     pub origin: Origin,
     /// The attempt delivered nothing for the stall timeout (and was dropped).
     pub stalled: bool,
+    /// The server never saw the call ([`never_processed`]).
+    pub unprocessed: bool,
 }
 
 impl Failure {
@@ -42,6 +44,7 @@ impl Failure {
             error,
             origin: Origin::Server,
             stalled: false,
+            unprocessed: false,
         }
     }
 
@@ -51,6 +54,7 @@ impl Failure {
             error,
             origin: Origin::Transport,
             stalled: false,
+            unprocessed: false,
         }
     }
 
@@ -74,6 +78,7 @@ impl Failure {
             error,
             origin: Origin::Truncated,
             stalled: false,
+            unprocessed: false,
         }
     }
 
@@ -84,14 +89,49 @@ impl Failure {
     /// broken stream, whatever its code and message say.
     pub fn from_status(status: tonic::Status, sent: Option<Code>) -> Self {
         let answered = sent.is_some_and(|c| c != Code::Ok && c == status.code());
+        let unprocessed = !answered && never_processed(&status);
         let error = Error::from(status);
         if answered {
             Failure::server(error)
         } else {
-            Failure::transport(error)
+            Failure {
+                unprocessed,
+                ..Failure::transport(error)
+            }
         }
     }
 }
+
+/// Whether the server never saw a call that failed with `status`: its stream
+/// was refused (REFUSED_STREAM), was past a graceful GOAWAY's last stream (a
+/// proxy capping the requests of a connection, nginx `keepalive_requests`),
+/// or never left a connection that closed first. Such a call is safe to make
+/// again at once, and says nothing about the server.
+pub fn never_processed(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            if reason == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR))
+            {
+                return true;
+            }
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_canceled())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Refused calls in a row allowed per attempt allowed without progress: a
+/// build with hundreds of calls in flight sees most refused each time a
+/// proxy's per-connection cap is reached, yet every round makes progress.
+pub const REFUSED_PER_ATTEMPT: u32 = 10;
 
 /// What to do after a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +224,7 @@ mod tests {
             error: Error::new(code, "x"),
             origin,
             stalled: false,
+            unprocessed: false,
         })
     }
 

@@ -19,8 +19,8 @@
 //! again from the start and sent from that point; a one-shot stream fails
 //! with an error naming the window.
 //!
-//! Small blobs go through BatchUpdateBlobs, held in memory (they are below the
-//! batch limit) and retried as a whole.
+//! Small blobs do not come here: the node sends them in coalesced
+//! BatchUpdateBlobs calls, retried as a whole ([`super::cas_calls`]).
 
 use super::budget::Budget;
 use super::channels::Channels;
@@ -31,12 +31,10 @@ use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest};
 use blob_access::grpc::GrpcConnection;
 use blob_access::grpc::MAX_MESSAGE;
 use blob_access::node::Counters;
-use blob_access::proto::content_addressable_storage_client::ContentAddressableStorageClient;
-use blob_access::proto::{batch_update_blobs_request, BatchUpdateBlobsRequest};
 use blob_access::resource::{Compressor, WriteResource};
 use blob_access::verify::verify;
 use blob_access::{BlobStream, Code, Digest, Error, ReadRange, Reopen, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -224,20 +222,15 @@ impl ResumableWrites {
     }
 
     /// Stores `data` (readable again through `reopen`, if given) as `digest`,
-    /// a non-empty blob; `batch` if it goes through BatchUpdateBlobs.
+    /// a non-empty blob, through ByteStream Write.
     pub async fn put(
         &self,
         digest: &Digest,
         data: BlobStream,
         reopen: Option<Reopen>,
-        batch: bool,
     ) -> Result<()> {
         self.counters.inc("writes");
-        let result = if batch {
-            self.batch(digest, data).await
-        } else {
-            self.bytestream(digest, data, reopen).await
-        };
+        let result = self.bytestream(digest, data, reopen).await;
         result.map_err(|e| e.with_backend(self.conn.name()).with_digest(digest))
     }
 
@@ -437,65 +430,6 @@ impl ResumableWrites {
                 Ok(Standing::Unknown(f.error))
             }
             _ => Err(f),
-        }
-    }
-
-    /// BatchUpdateBlobs of a small blob, retried as a whole.
-    async fn batch(&self, digest: &Digest, data: BlobStream) -> Result<()> {
-        let mut buf = BytesMut::with_capacity(digest.size_bytes() as usize);
-        let mut s = verify(digest, ReadRange::FULL, self.conn.name(), data);
-        while let Some(c) = s.next().await {
-            buf.extend_from_slice(&c?);
-        }
-        let data = buf.freeze();
-        let mut budget = Budget::new(self.policy.clone());
-        let mut used = self.channels.current().0;
-        loop {
-            let channel = self.channel(&budget, &mut used);
-            let failure = match self.batch_attempt(channel, digest, data.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(f) => f,
-            };
-            let what = format!("BatchUpdateBlobs attempt {}", budget.failures + 1);
-            let delay = budget.after(&failure, false, &what)?;
-            self.counters.inc("write_retries");
-            tracing::info!(%digest, cause = %failure.error, "retrying BatchUpdateBlobs");
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    async fn batch_attempt(
-        &self,
-        channel: Channel,
-        digest: &Digest,
-        data: Bytes,
-    ) -> std::result::Result<(), Failure> {
-        let observed = Observed::default();
-        let mut request = self.conn.request(BatchUpdateBlobsRequest {
-            instance_name: self.conn.instance_name().to_string(),
-            requests: vec![batch_update_blobs_request::Request {
-                digest: Some(digest.to_proto()),
-                data: data.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        observed.attach(&mut request);
-        let mut client = ContentAddressableStorageClient::new(ObservingChannel::new(channel))
-            .max_encoding_message_size(MAX_MESSAGE)
-            .max_decoding_message_size(MAX_MESSAGE);
-        let timeout = self.policy.stall_timeout;
-        let response = match tokio::time::timeout(timeout, client.batch_update_blobs(request)).await
-        {
-            Err(_) => return Err(Failure::stall(timeout)),
-            Ok(Err(status)) => return Err(Failure::from_status(status, observed.sent())),
-            Ok(Ok(r)) => r.into_inner(),
-        };
-        match response.responses.into_iter().next().and_then(|r| r.status) {
-            Some(s) if s.code != 0 && Code::from(s.code) != Code::AlreadyExists => {
-                Err(Failure::server(Error::new(Code::from(s.code), s.message)))
-            }
-            _ => Ok(()),
         }
     }
 }
