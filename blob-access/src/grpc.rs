@@ -7,6 +7,7 @@ mod batch;
 mod config;
 mod connection;
 mod credential_helper;
+pub mod http_status;
 
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
 pub use connection::{Capabilities, GrpcConnection, MAX_MESSAGE};
