@@ -10,7 +10,7 @@ mod credential_helper;
 pub mod http_status;
 
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
-pub use connection::{Capabilities, GrpcConnection, MAX_MESSAGE};
+pub use connection::{Capabilities, GrpcChannel, GrpcConnection, MAX_MESSAGE};
 
 use crate::bytestream_proto::{ReadRequest, WriteRequest};
 use crate::node::Counters;

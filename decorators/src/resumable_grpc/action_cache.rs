@@ -11,14 +11,14 @@ use super::channels::Channels;
 use super::observe::{Observed, ObservingChannel};
 use super::{classify, Failure, RetryPolicy, Verdict};
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
+use blob_access::grpc::GrpcChannel;
 use blob_access::node::Counters;
 use blob_access::proto::action_cache_client::ActionCacheClient;
 use blob_access::{Digest, NodeMetrics, Result};
 use std::future::Future;
 use std::time::Instant;
-use tonic::transport::Channel;
 
-type Client = ActionCacheClient<ObservingChannel<Channel>>;
+type Client = ActionCacheClient<ObservingChannel<GrpcChannel>>;
 
 /// See the module documentation.
 pub struct ResumableGrpcActionCache {
@@ -56,7 +56,7 @@ impl ResumableGrpcActionCache {
     }
 
     /// A client whose calls record the status the server sent.
-    fn client(&self, channel: Channel) -> Client {
+    fn client(&self, channel: GrpcChannel) -> Client {
         ActionCacheClient::new(ObservingChannel::new(channel))
             .max_decoding_message_size(blob_access::grpc::MAX_MESSAGE)
             .max_encoding_message_size(blob_access::grpc::MAX_MESSAGE)
