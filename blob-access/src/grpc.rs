@@ -8,10 +8,11 @@ mod calls;
 mod config;
 mod connection;
 mod credential_helper;
+pub mod http_status;
 
 pub use calls::{CallsOnce, CasCalls};
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
-pub use connection::{Capabilities, GrpcConnection, MAX_MESSAGE};
+pub use connection::{Capabilities, GrpcChannel, GrpcConnection, MAX_MESSAGE};
 
 use crate::bytestream_proto::{ReadRequest, WriteRequest};
 use crate::node::Counters;

@@ -192,3 +192,46 @@ async fn action_cache_calls_retry_proxy_pages_and_take_the_servers_answer() {
     assert!(err.to_string().contains(action.hash()), "{err}");
     assert_eq!(server.reads(), 3 + 5);
 }
+
+/// A proxy's error page on every attempt of a `resumable_grpc` read: the
+/// channel maps its HTTP status to a gRPC code and message, but that status
+/// is not the server's, so even a 404 (UNIMPLEMENTED) is retried as a
+/// transport failure until the budget is spent, and the read ends
+/// UNAVAILABLE with the mapped status as its last cause.
+#[tokio::test]
+async fn a_proxy_page_on_every_attempt_is_retried_and_named_in_the_give_up() {
+    use blob_access::{util, BuildContext, Code, ReadRange};
+    let server = H2Server::start(false).await;
+    let yaml = format!(
+        "content_addressable_storage:\n  resumable_grpc:\n    grpc: {{endpoint: \"{}\"}}\n    initial_backoff: 1ms\n",
+        server.endpoint()
+    );
+    let config =
+        blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
+    let cas = config.build(&BuildContext::root()).unwrap().cas;
+    let data = test_blob(CHUNK + 1, 11);
+    let d = server.insert(data.clone());
+    for (status, cause) in [
+        (
+            502,
+            "Unavailable: HTTP 502 Bad Gateway from the server or a proxy",
+        ),
+        (
+            404,
+            "Unimplemented: HTTP 404 Not Found from the server or a proxy",
+        ),
+    ] {
+        server.always(Some(H2Fault::HtmlPage { status }));
+        let before = server.reads();
+        let err = util::read_to_bytes(&*cas, &d, ReadRange::FULL, 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(server.reads() - before, 5, "{status}: {err}");
+        assert_eq!(err.code(), Code::Unavailable, "{status}: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("gave up") && msg.contains(cause),
+            "{status}: {msg}"
+        );
+    }
+}

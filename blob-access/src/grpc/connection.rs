@@ -2,6 +2,7 @@
 //! on the same `grpc` settings, with the server's capabilities learnt once.
 
 use super::config::{Compression, GrpcConfig, HeaderValue};
+use super::http_status::HttpStatusChannel;
 use crate::bytestream_proto::byte_stream_client::ByteStreamClient;
 use crate::proto::action_cache_client::ActionCacheClient;
 use crate::proto::capabilities_client::CapabilitiesClient;
@@ -11,6 +12,10 @@ use crate::{Code, Error, Result};
 use std::sync::Arc;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The channel every call of a [`GrpcConnection`] goes over: a tonic channel
+/// whose proxy error pages become gRPC statuses ([`super::http_status`]).
+pub type GrpcChannel = HttpStatusChannel<Channel>;
 
 /// Largest gRPC message we send or accept.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -32,11 +37,11 @@ pub struct GrpcConnection {
     inner: Arc<Inner>,
 }
 
-type Connect = Box<dyn Fn() -> Channel + Send + Sync>;
+type Connect = Box<dyn Fn() -> GrpcChannel + Send + Sync>;
 
 struct Inner {
     name: String,
-    channel: Channel,
+    channel: GrpcChannel,
     /// Makes another channel with the same settings (endpoint, TLS, keepalive).
     connect: Connect,
     instance_name: String,
@@ -211,19 +216,19 @@ impl GrpcConnection {
     pub fn compression(&self) -> Compression {
         self.inner.compression
     }
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> GrpcChannel {
         self.inner.channel.clone()
     }
 
     /// A new lazily connected channel with the same endpoint, TLS and
     /// keepalive settings: its calls go over a connection of their own (for
     /// a caller that no longer trusts the shared one).
-    pub fn new_channel(&self) -> Channel {
+    pub fn new_channel(&self) -> GrpcChannel {
         (self.inner.connect)()
     }
 
     /// A ByteStream client on the shared channel.
-    pub fn bytestream_client(&self) -> ByteStreamClient<Channel> {
+    pub fn bytestream_client(&self) -> ByteStreamClient<GrpcChannel> {
         ByteStreamClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
@@ -239,14 +244,14 @@ impl GrpcConnection {
     }
 
     /// A CAS client on the shared channel.
-    pub fn cas_client(&self) -> ContentAddressableStorageClient<Channel> {
+    pub fn cas_client(&self) -> ContentAddressableStorageClient<GrpcChannel> {
         ContentAddressableStorageClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// An ActionCache client on the shared channel.
-    pub fn action_cache_client(&self) -> ActionCacheClient<Channel> {
+    pub fn action_cache_client(&self) -> ActionCacheClient<GrpcChannel> {
         ActionCacheClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
@@ -406,16 +411,16 @@ fn connector(name: &str, cfg: &GrpcConfig) -> Result<Connect> {
             .map_err(|e| config_error(name, "endpoint", e))?;
     }
     Ok(match unix {
-        None => Box::new(move || ep.connect_lazy()),
+        None => Box::new(move || HttpStatusChannel::new(ep.connect_lazy())),
         Some(path) => Box::new(move || {
             let path = path.clone();
-            ep.connect_with_connector_lazy(tower::service_fn(move |_| {
+            HttpStatusChannel::new(ep.connect_with_connector_lazy(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move {
                     let stream = tokio::net::UnixStream::connect(path).await?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                 }
-            }))
+            })))
         }),
     })
 }

@@ -12,11 +12,11 @@ use super::observe::ObservingChannel;
 use super::unary::{UnaryRetry, COUNTERS};
 use super::RetryPolicy;
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
+use blob_access::grpc::GrpcChannel;
 use blob_access::node::Counters;
 use blob_access::proto::action_cache_client::ActionCacheClient;
 use blob_access::{Digest, NodeMetrics, Result};
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// See the module documentation.
 pub struct ResumableGrpcActionCache {
@@ -41,7 +41,7 @@ impl ResumableGrpcActionCache {
 }
 
 /// A client whose calls record the status the server sent.
-fn client(channel: Channel) -> ActionCacheClient<ObservingChannel<Channel>> {
+fn client(channel: GrpcChannel) -> ActionCacheClient<ObservingChannel<GrpcChannel>> {
     ActionCacheClient::new(ObservingChannel::new(channel))
         .max_decoding_message_size(blob_access::grpc::MAX_MESSAGE)
         .max_encoding_message_size(blob_access::grpc::MAX_MESSAGE)

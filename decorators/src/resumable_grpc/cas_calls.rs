@@ -6,6 +6,7 @@
 
 use super::observe::{Observed, ObservingChannel};
 use super::unary::UnaryRetry;
+use blob_access::grpc::GrpcChannel;
 use blob_access::grpc::{CasCalls, GrpcConnection, MAX_MESSAGE};
 use blob_access::proto::content_addressable_storage_client::ContentAddressableStorageClient;
 use blob_access::proto::{
@@ -14,9 +15,8 @@ use blob_access::proto::{
 };
 use blob_access::Result;
 use std::sync::Arc;
-use tonic::transport::Channel;
 
-type Client = ContentAddressableStorageClient<ObservingChannel<Channel>>;
+type Client = ContentAddressableStorageClient<ObservingChannel<GrpcChannel>>;
 
 /// See the module documentation.
 pub struct RetryingCasCalls {
@@ -29,7 +29,7 @@ impl RetryingCasCalls {
     /// headers), its record of the server's status attached.
     fn prepare<M>(
         &self,
-        channel: Channel,
+        channel: GrpcChannel,
         observed: &Observed,
         msg: M,
     ) -> (Client, tonic::Request<M>) {

@@ -7,7 +7,15 @@
 //! [`Observed`] in its request extensions gets it filled with the
 //! `grpc-status` of the response headers (a trailers-only response) or of the
 //! trailers, as they pass through. [`super::retry`] decides from that.
+//!
+//! The channels of a `GrpcConnection` turn a proxy's HTML error page into a
+//! `grpc-status` mapped from its HTTP status (`blob_access::grpc::http_status`),
+//! and [`ObservingChannel`] wraps such a channel, so it sees that made-up
+//! status as if it came over the wire. The response carries a `Synthesized`
+//! marker, and a marked response is not recorded: a proxy's 404 page during a
+//! reload stays a transport failure to retry, not the server's UNIMPLEMENTED.
 
+use blob_access::grpc::http_status::Synthesized;
 use blob_access::Code;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -85,7 +93,8 @@ where
             .call(req)
             .map(move |res| {
                 res.map(|response| {
-                    if let Some(o) = &observed {
+                    let synthesized = response.extensions().get::<Synthesized>().is_some();
+                    if let (Some(o), false) = (&observed, synthesized) {
                         o.record(response.headers());
                     }
                     response.map(|inner| ObservedBody { inner, observed })

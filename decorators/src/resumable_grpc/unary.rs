@@ -17,12 +17,12 @@ use super::channels::Channels;
 use super::observe::Observed;
 use super::retry::REFUSED_PER_ATTEMPT;
 use super::{classify, Failure, Origin, RetryPolicy, Verdict};
+use blob_access::grpc::GrpcChannel;
 use blob_access::node::Counters;
 use blob_access::{Code, Error, Result};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
-use tonic::transport::Channel;
 
 /// Counters of [`UnaryRetry`].
 pub const COUNTERS: &[&str] = &[
@@ -45,7 +45,7 @@ impl UnaryRetry {
     /// `what` names the call in logs and in a give-up.
     pub async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
     where
-        F: FnMut(Channel, Observed) -> Fut,
+        F: FnMut(GrpcChannel, Observed) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let started = Instant::now();

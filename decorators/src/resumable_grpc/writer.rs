@@ -28,6 +28,7 @@ use super::observe::{Observed, ObservingChannel};
 use super::retry::Failure;
 use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
 use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest};
+use blob_access::grpc::GrpcChannel;
 use blob_access::grpc::GrpcConnection;
 use blob_access::grpc::MAX_MESSAGE;
 use blob_access::node::Counters;
@@ -39,7 +40,6 @@ use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// The caller's bytes: a verified stream, the window of those last sent, and
 /// how to read them again if the source allows.
@@ -210,7 +210,7 @@ impl ResumableWrites {
         }
     }
 
-    fn channel(&self, budget: &Budget, used: &mut u64) -> Channel {
+    fn channel(&self, budget: &Budget, used: &mut u64) -> GrpcChannel {
         let (n, ch) = if budget.fresh_connection {
             self.counters.inc("fresh_connections");
             self.channels.replace(*used)
@@ -320,7 +320,7 @@ impl ResumableWrites {
         resource: &str,
         at: u64,
         size: u64,
-        channel: Channel,
+        channel: GrpcChannel,
     ) -> Outcome {
         let sent = AtomicU64::new(0);
         // A channel rather than a boxed stream: tonic's client-streaming
@@ -398,7 +398,7 @@ impl ResumableWrites {
 
     async fn query(
         &self,
-        channel: Channel,
+        channel: GrpcChannel,
         resource: &str,
         size: u64,
     ) -> std::result::Result<Standing, Failure> {

@@ -29,9 +29,11 @@ impl Client {
     pub fn new(endpoint: &str, zstd: bool, policy: RetryPolicy) -> Self {
         let uri = endpoint.replace("grpc://", "http://");
         let connect = move || {
-            tonic::transport::Channel::from_shared(uri.clone())
-                .unwrap()
-                .connect_lazy()
+            blob_access::grpc::http_status::HttpStatusChannel::new(
+                tonic::transport::Channel::from_shared(uri.clone())
+                    .unwrap()
+                    .connect_lazy(),
+            )
         };
         let channels = Arc::new(Channels::new(connect(), connect));
         let compressor = if zstd {
