@@ -34,7 +34,9 @@ pub use observe::{Observed, ObservingChannel};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
 pub use reads::ResumableReads;
-pub use retry::{classify, never_processed, Failure, Origin, RetryPolicy, Verdict};
+pub use retry::{
+    classify, never_processed, Failure, Origin, RetryPolicy, Verdict, REFUSED_PER_ATTEMPT,
+};
 pub use writer::ResumableWrites;
 
 use blob_access::action_cache::{ActionCache, GrpcActionCache};
