@@ -172,6 +172,39 @@ fn validate_reports_file_line_column_and_path() {
     assert_eq!(schema, checked_in);
 }
 
+/// Settings that can never connect are config errors with a place, from
+/// `validate` and from every command that loads the file.
+#[test]
+fn validate_refuses_grpc_settings_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("grpc:\n  endpoint: \"not a url\"\n", "2:13: at grpc.endpoint: "),
+        (
+            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:1\n    headers: {\"x y\": v}\n",
+            "4:15: at resumable_grpc.grpc.headers",
+        ),
+        (
+            "grpc:\n  endpoint: unix:/tmp/s\n  headers:\n    a: \"x\\ny\"\n",
+            "4:8: at grpc.headers.a: the value is not printable ASCII",
+        ),
+    ];
+    for (i, (text, place)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let f = file.to_str().unwrap();
+        let expected = format!("{f}:{place}");
+        let err = one_line_error(&cli(&["validate", f]));
+        assert!(err.starts_with(&expected), "{err}");
+        let err = one_line_error(&cli(&["find-missing", "--config", f, "-"]));
+        assert!(err.contains(&expected), "{err}");
+        let out = cli(&["serve", "--config", f, "--listen", "127.0.0.1:0"]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&expected),
+            "{out:?}"
+        );
+    }
+}
+
 #[test]
 fn put_of_many_files_sends_only_what_is_missing_and_find_missing_reads_stdin() {
     let serve = Serve::start(None);

@@ -4,6 +4,7 @@
 //! middle is an error here (`resumable_grpc` is the node that resumes).
 
 mod batch;
+mod checks;
 mod config;
 mod connection;
 mod credential_helper;
