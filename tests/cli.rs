@@ -205,6 +205,41 @@ fn validate_refuses_grpc_settings_that_cannot_work() {
     }
 }
 
+/// "serving ... on unix:PATH" is printed once the socket listens, never
+/// before a bind that fails.
+#[test]
+fn serve_on_a_unix_socket_says_serving_only_once_listening() {
+    let err = one_line_error(&cli(&["serve", "--listen", "unix:/nonexistent/dir/sock"]));
+    assert!(
+        err.contains("/nonexistent/dir/sock") && !err.contains("serving"),
+        "{err}"
+    );
+
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let line = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("serving"));
+    let connected = std::os::unix::net::UnixStream::connect(&socket);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("serve exited without saying it serves");
+    assert!(
+        line.ends_with(&format!("on unix:{}", socket.display())),
+        "{line}"
+    );
+    connected.expect("not listening when it said it serves");
+}
+
 #[test]
 fn put_of_many_files_sends_only_what_is_missing_and_find_missing_reads_stdin() {
     let serve = Serve::start(None);

@@ -208,9 +208,12 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
+        let listener = server::bind_unix(Path::new(path))
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!("serving on unix:{path}");
         eprintln!("blob-access: serving {what} on unix:{path}");
-        server::serve_unix(storage, cfg, path, shutdown_signal()).await
+        server::serve_unix_listener(storage, cfg, listener, shutdown_signal()).await
     } else {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
