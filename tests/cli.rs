@@ -44,6 +44,47 @@ fn put_get_find_missing_round_trips() {
     }
 }
 
+/// `get -o` makes a file as any program would (0666 less the umask), and
+/// refuses a directory as the output, naming it.
+#[test]
+fn get_to_a_file_follows_the_umask_and_refuses_a_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let serve = Serve::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", serve.port);
+    let c = config.to_str().unwrap();
+    let digest = put_cli(&config, &random_file(dir.path(), 1000));
+    for (umask, mode) in [("022", 0o644), ("027", 0o640), ("0", 0o666)] {
+        let out = dir.path().join(format!("out-{umask}"));
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+            .arg(bin())
+            .args(["get", "--config", c, &digest, "-o"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "umask {umask}: {got:o}");
+    }
+
+    let target = dir.path().join("a-dir");
+    std::fs::create_dir(&target).unwrap();
+    let t = target.to_str().unwrap();
+    let err = one_line_error(&cli(&["get", "--config", c, &digest, "-o", t]));
+    assert!(
+        err.contains("InvalidArgument") && err.contains(t) && err.contains("is a directory"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".blob-access-"))
+        .collect();
+    assert!(left.is_empty(), "temp files left behind: {left:?}");
+}
+
 /// sha256sum's answer, independent of our own hashing.
 fn expected_digest(file: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
