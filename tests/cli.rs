@@ -44,6 +44,47 @@ fn put_get_find_missing_round_trips() {
     }
 }
 
+/// `get -o` makes a file as any program would (0666 less the umask), and
+/// refuses a directory as the output, naming it.
+#[test]
+fn get_to_a_file_follows_the_umask_and_refuses_a_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let serve = Serve::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", serve.port);
+    let c = config.to_str().unwrap();
+    let digest = put_cli(&config, &random_file(dir.path(), 1000));
+    for (umask, mode) in [("022", 0o644), ("027", 0o640), ("0", 0o666)] {
+        let out = dir.path().join(format!("out-{umask}"));
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+            .arg(bin())
+            .args(["get", "--config", c, &digest, "-o"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "umask {umask}: {got:o}");
+    }
+
+    let target = dir.path().join("a-dir");
+    std::fs::create_dir(&target).unwrap();
+    let t = target.to_str().unwrap();
+    let err = one_line_error(&cli(&["get", "--config", c, &digest, "-o", t]));
+    assert!(
+        err.contains("InvalidArgument") && err.contains(t) && err.contains("is a directory"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".blob-access-"))
+        .collect();
+    assert!(left.is_empty(), "temp files left behind: {left:?}");
+}
+
 /// sha256sum's answer, independent of our own hashing.
 fn expected_digest(file: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
@@ -170,6 +211,74 @@ fn validate_reports_file_line_column_and_path() {
     )
     .unwrap();
     assert_eq!(schema, checked_in);
+}
+
+/// Settings that can never connect are config errors with a place, from
+/// `validate` and from every command that loads the file.
+#[test]
+fn validate_refuses_grpc_settings_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("grpc:\n  endpoint: \"not a url\"\n", "2:13: at grpc.endpoint: "),
+        (
+            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:1\n    headers: {\"x y\": v}\n",
+            "4:15: at resumable_grpc.grpc.headers",
+        ),
+        (
+            "grpc:\n  endpoint: unix:/tmp/s\n  headers:\n    a: \"x\\ny\"\n",
+            "4:8: at grpc.headers.a: the value is not printable ASCII",
+        ),
+    ];
+    for (i, (text, place)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let f = file.to_str().unwrap();
+        let expected = format!("{f}:{place}");
+        let err = one_line_error(&cli(&["validate", f]));
+        assert!(err.starts_with(&expected), "{err}");
+        let err = one_line_error(&cli(&["find-missing", "--config", f, "-"]));
+        assert!(err.contains(&expected), "{err}");
+        let out = cli(&["serve", "--config", f, "--listen", "127.0.0.1:0"]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&expected),
+            "{out:?}"
+        );
+    }
+}
+
+/// "serving ... on unix:PATH" is printed once the socket listens, never
+/// before a bind that fails.
+#[test]
+fn serve_on_a_unix_socket_says_serving_only_once_listening() {
+    let err = one_line_error(&cli(&["serve", "--listen", "unix:/nonexistent/dir/sock"]));
+    assert!(
+        err.contains("/nonexistent/dir/sock") && !err.contains("serving"),
+        "{err}"
+    );
+
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--listen"])
+        .arg(format!("unix:{}", socket.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let line = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("serving"));
+    let connected = std::os::unix::net::UnixStream::connect(&socket);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("serve exited without saying it serves");
+    assert!(
+        line.ends_with(&format!("on unix:{}", socket.display())),
+        "{line}"
+    );
+    connected.expect("not listening when it said it serves");
 }
 
 #[test]

@@ -351,4 +351,26 @@ fn limits_that_cannot_work_are_refused_naming_the_flag() {
         err.contains("--max-batch-size") && err.contains("\"lots\" is not a size"),
         "{err}"
     );
+    // Zero would serve nothing (every connection closed, every call or upload
+    // refused). A socket that cannot be bound ends a serve that wrongly starts.
+    for (flag, zero) in [
+        ("--idle-timeout", "0s"),
+        ("--max-concurrent-streams", "0"),
+        ("--max-uploads-per-connection", "0"),
+        ("--max-message-size", "0"),
+    ] {
+        let out = cli(&[
+            "serve",
+            "--listen",
+            "unix:/nonexistent/dir/sock",
+            flag,
+            zero,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {zero}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("must be more than 0"),
+            "{err}"
+        );
+    }
 }

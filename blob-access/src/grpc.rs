@@ -5,6 +5,7 @@
 
 mod batch;
 mod calls;
+mod checks;
 mod config;
 mod connection;
 mod credential_helper;

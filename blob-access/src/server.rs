@@ -278,20 +278,48 @@ pub async fn serve_unix(
     path: impl AsRef<Path>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let path = path.as_ref();
-    if cfg.tls.is_some() {
-        return Err(Error::invalid_argument(
+    no_tls_on_unix(&cfg)?;
+    let listener = bind_unix(path.as_ref()).await?;
+    serve_unix_listener(storage, cfg, listener, shutdown).await
+}
+
+fn no_tls_on_unix(cfg: &ServerConfig) -> Result<()> {
+    match cfg.tls {
+        Some(_) => Err(Error::invalid_argument(
             "TLS is served on TCP listeners only; a Unix socket is reached only on its machine",
-        ));
+        )),
+        None => Ok(()),
     }
-    let listener = bind_unix(path).await?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let result = serve_incoming(storage.into(), cfg, incoming, shutdown).await;
-    let _ = std::fs::remove_file(path);
+}
+
+/// [`serve_unix`] on a socket already bound by [`bind_unix`] (so a caller can
+/// say it listens only once it does); the socket file is removed on return.
+pub async fn serve_unix_listener(
+    storage: impl Into<Storage>,
+    cfg: ServerConfig,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let result = match no_tls_on_unix(&cfg) {
+        Ok(()) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            serve_incoming(storage.into(), cfg, incoming, shutdown).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Some(path) = path {
+        let _ = std::fs::remove_file(path);
+    }
     result
 }
 
-async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+/// Creates a Unix socket at `path` for [`serve_unix_listener`], replacing a
+/// stale socket file (nobody listening).
+pub async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     let context = |e: std::io::Error| {
         let code = Error::from(std::io::Error::new(e.kind(), "")).code();
         Error::new(code, format!("listening on unix:{}: {e}", path.display()))

@@ -90,9 +90,20 @@ pub async fn write_to_file_with(
         _ => std::path::PathBuf::from("."),
     };
     let io = |what: &str, e| Error::io(format_args!("{what} {}", path.display()), e);
+    let is_dir = || {
+        Error::invalid_argument(format!(
+            "{} is a directory; give the path of a file to write",
+            path.display()
+        ))
+    };
+    if tokio::fs::metadata(path).await.is_ok_and(|m| m.is_dir()) {
+        return Err(is_dir());
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".blob-access-")
         .suffix(".tmp")
+        // Created with 0666 less the umask, as a plain file would be (not 0600).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .map_err(|e| io("creating a temp file beside", e))?;
     let (std_file, tmp_path) = tmp.into_parts();
@@ -110,9 +121,11 @@ pub async fn write_to_file_with(
         file.flush().await.map_err(|e| io("writing", e))?;
     }
     drop(file);
-    tmp_path
-        .persist(path)
-        .map_err(|e| io("renaming into place", e.error))?;
+    tmp_path.persist(path).map_err(|e| match e.error.kind() {
+        // Made a directory while the blob was downloading.
+        std::io::ErrorKind::IsADirectory => is_dir(),
+        _ => io("renaming into place", e.error),
+    })?;
     Ok(())
 }
 

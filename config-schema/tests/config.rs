@@ -237,3 +237,48 @@ fn schema_takes_both_forms_and_rejects_bad_trees() {
         );
     }
 }
+
+/// Settings of a `grpc` node that could never work are refused at load time,
+/// where line and column are known, not when the tree is built.
+#[test]
+fn grpc_settings_that_cannot_work_are_refused_with_line_and_column() {
+    let e = yaml_err("grpc:\n  endpoint: \"not a url\"\n");
+    assert_eq!(e.path, "grpc.endpoint");
+    assert_eq!((e.line, e.column), (Some(2), Some(13)));
+    assert!(e.message.contains("must start with grpc://"), "{e}");
+
+    let e = yaml_err("resumable_grpc:\n  grpc:\n    endpoint: grpc://cas\n");
+    assert_eq!(e.path, "resumable_grpc.grpc.endpoint");
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("has no port"), "{e}");
+
+    let e = yaml_err("grpc:\n  endpoint: grpc://cas:1\n  headers:\n    x y: v\n");
+    assert!(e.path.starts_with("grpc.headers"), "{e}");
+    assert_eq!((e.line, e.column), (Some(4), Some(5)));
+    assert!(e.message.contains("\"x y\""), "{e}");
+
+    let e = yaml_err("grpc:\n  endpoint: grpc://cas:1\n  headers:\n    a: \"x\\ny\"\n");
+    assert_eq!(e.path, "grpc.headers.a");
+    assert_eq!((e.line, e.column), (Some(4), Some(8)));
+    assert!(e.message.contains("printable ASCII"), "{e}");
+    assert!(!e.message.contains("x\ny"), "a value may be a secret: {e}");
+
+    let e = load_str(r#"{"grpc": {"endpoint": "unix:"}}"#, Format::Json, "t.json").unwrap_err();
+    assert_eq!(e.path, "grpc.endpoint");
+    assert_eq!(e.line, Some(1));
+    assert!(e.message.contains("no socket path"), "{e}");
+
+    // Values that come from elsewhere, and every endpoint form, still load.
+    let e = yaml_err("grpc:\n  endpoint: grpc://cas:1\n  headers: {a: {env: X, file: Y}}\n");
+    assert_eq!(e.path, "grpc.headers.a");
+    for endpoint in [
+        "grpc://cas:1",
+        "grpcs://cas.example.com:443",
+        "unix:/run/cas.sock",
+    ] {
+        let text = format!(
+            "grpc:\n  endpoint: {endpoint}\n  headers:\n    authorization: Bearer x\n    b: {{env: B}}\n    c: {{file: /c}}\n"
+        );
+        load_str(&text, Format::Yaml, "t").unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -46,14 +46,14 @@ pub struct Limits {
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub max_batch_size: u64,
     /// Streams one client connection may have open at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_count::<u32>)]
     pub max_concurrent_streams: u32,
     /// ByteStream uploads one client connection may run at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = parse_count::<usize>)]
     pub max_uploads_per_connection: usize,
     /// A request (or a new connection) that sends nothing for this long while
     /// the server waits for it is ended; a partial upload is discarded.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub idle_timeout: std::time::Duration,
 }
 
@@ -61,6 +61,24 @@ fn parse_size(text: &str) -> Result<u64, String> {
     match text.parse::<blob_access::config_types::ByteSize>()? {
         b if b.bytes() > 0 => Ok(b.bytes()),
         _ => Err("must be more than 0 bytes".into()),
+    }
+}
+
+/// Zero would refuse every stream or upload.
+fn parse_count<T: std::str::FromStr<Err = std::num::ParseIntError> + Default + PartialEq>(
+    text: &str,
+) -> Result<T, String> {
+    match text.parse::<T>().map_err(|e| e.to_string())? {
+        n if n == T::default() => Err("must be more than 0".into()),
+        n => Ok(n),
+    }
+}
+
+/// Zero would end every connection at once.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text).map_err(|e| e.to_string())? {
+        d if d.is_zero() => Err("must be more than 0 (e.g. 60s)".into()),
+        d => Ok(d),
     }
 }
 
@@ -190,9 +208,12 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {
+        let listener = server::bind_unix(Path::new(path))
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!("serving on unix:{path}");
         eprintln!("blob-access: serving {what} on unix:{path}");
-        server::serve_unix(storage, cfg, path, shutdown_signal()).await
+        server::serve_unix_listener(storage, cfg, listener, shutdown_signal()).await
     } else {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub struct GrpcConfig {
     /// `grpc://host:port` (plain HTTP/2), `grpcs://host:port` (TLS with the system's roots,
     /// plus `ca_file` if set) or `unix:/path/to/socket`.
+    #[serde(deserialize_with = "super::checks::deserialize_endpoint")]
     pub endpoint: String,
     /// REAPI instance name; may be empty or contain slashes.
     #[serde(default)]
@@ -88,14 +89,14 @@ pub enum Compression {
 
 /// Request headers; `Debug` shows names and where values come from (a literal as
 /// `<redacted>`), never a value, so credentials never reach a log.
-#[derive(
-    Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
-)]
+// Deserialized in `super::checks`, which refuses names and literals that cannot be sent.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Headers(pub BTreeMap<String, HeaderValue>);
 
 /// A header value: a literal string, `{env: NAME}` or `{file: PATH}`.
-#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+// Deserialized in `super::checks`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum HeaderValue {
     /// The value itself (a credential then sits in the config file).

@@ -1,6 +1,7 @@
 //! One lazily connected channel to a REAPI server, shared by every node built
 //! on the same `grpc` settings, with the server's capabilities learnt once.
 
+use super::checks::{header_name, header_value, parse_endpoint, Target};
 use super::config::{Compression, GrpcConfig, HeaderValue};
 use super::http_status::HttpStatusChannel;
 use crate::bytestream_proto::byte_stream_client::ByteStreamClient;
@@ -11,7 +12,7 @@ use crate::proto::{compressor, GetCapabilitiesRequest};
 use crate::{Code, Error, Result};
 use std::sync::Arc;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// The channel every call of a [`GrpcConnection`] goes over: a tonic channel
 /// whose proxy error pages become gRPC statuses ([`super::http_status`]).
@@ -70,12 +71,6 @@ struct FileState {
 
 /// How often a header file is looked at for changes (one `stat`).
 const HEADER_FILE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Errors name the variable or file, never the value.
-fn header_value(text: &str, what: &str) -> std::result::Result<AsciiMetadataValue, String> {
-    text.parse::<AsciiMetadataValue>()
-        .map_err(|_| format!("{what} is not printable ASCII"))
-}
 
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -168,9 +163,7 @@ impl GrpcConnection {
             .iter()
             .map(|(k, v)| {
                 let field = format!("headers.{k}");
-                let key = k
-                    .parse::<AsciiMetadataKey>()
-                    .map_err(|e| config_error(name, &field, e))?;
+                let key = header_name(k).map_err(|e| config_error(name, &field, e))?;
                 let value = HeaderSource::new(v).map_err(|e| config_error(name, &field, e))?;
                 Ok((key, value))
             })
@@ -340,27 +333,11 @@ impl GrpcConnection {
 
 /// Checks `cfg` and returns what makes lazily connecting channels to `cfg.endpoint`.
 fn connector(name: &str, cfg: &GrpcConfig) -> Result<Connect> {
-    let bad = |why: &str| config_error(name, "endpoint", format!("{:?} {why}", cfg.endpoint));
-    let (uri, tls, unix) = if let Some(rest) = cfg.endpoint.strip_prefix("grpc://") {
-        (format!("http://{rest}"), false, None)
-    } else if let Some(rest) = cfg.endpoint.strip_prefix("grpcs://") {
-        (format!("https://{rest}"), true, None)
-    } else if let Some(path) = cfg.endpoint.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err(bad("has no socket path"));
-        }
-        (
-            "http://localhost".to_string(),
-            false,
-            Some(path.to_string()),
-        )
-    } else {
-        return Err(bad("must start with grpc://, grpcs:// or unix:"));
-    };
-    let mut ep = Endpoint::from_shared(uri).map_err(|_| bad("is not a valid host:port"))?;
-    if unix.is_none() && ep.uri().port_u16().is_none() {
-        return Err(bad("has no port"));
-    }
+    let Target {
+        endpoint: mut ep,
+        tls,
+        unix,
+    } = parse_endpoint(&cfg.endpoint).map_err(|e| config_error(name, "endpoint", e))?;
     ep = ep
         .connect_timeout(cfg.connect_timeout.get())
         .tcp_nodelay(true)
