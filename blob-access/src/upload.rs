@@ -182,6 +182,15 @@ fn in_file(path: &Path, e: Error) -> Error {
 /// SHA-256 and size of a file, read on this thread into `buf` (grown to
 /// 256 KiB at most, and kept for the next file).
 fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<Digest> {
+    // Each file is read twice (hashed, then sent if missing): a pipe or a
+    // device would give other bytes the second time, or block opening it.
+    let meta = std::fs::metadata(path).map_err(|e| named(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::invalid_argument(format!(
+            "{}: not a regular file (a directory, pipe or device); copy it to a file to upload it",
+            path.display()
+        )));
+    }
     let mut file = std::fs::File::open(path).map_err(|e| named(path, e))?;
     let mut h = crate::DigestFunction::Sha256.hasher();
     let len = file.metadata().map_err(|e| named(path, e))?.len();

@@ -119,3 +119,22 @@ async fn many_files_across_groups_keep_their_order() {
     }
     assert!(cas.find_missing(&report.digests).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn pipes_devices_and_directories_are_refused_naming_them() {
+    // They cannot be read twice (hash, then send); a FIFO would block.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success());
+    let cas = MemoryBlobAccess::new("memory", 1 << 20);
+    for path in [fifo, "/dev/null".into(), dir.path().to_path_buf()] {
+        let e = put_files(&cas, std::slice::from_ref(&path), 4, &|_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), blob_access::Code::InvalidArgument, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+        assert!(msg.contains("not a regular file"), "{msg}");
+    }
+}
