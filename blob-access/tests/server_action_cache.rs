@@ -86,6 +86,13 @@ async fn results_round_trip_and_updates_are_announced() {
     assert_eq!(got.into_inner(), result);
 }
 
+/// `result` with its first output file changed by `f`.
+fn with_file(result: &ActionResult, f: impl FnOnce(&mut OutputFile)) -> ActionResult {
+    let mut r = result.clone();
+    f(&mut r.output_files[0]);
+    r
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_statuses_and_store_nothing() {
     let server = start_with_ac(ServerConfig::default()).await;
@@ -120,6 +127,22 @@ async fn bad_requests_get_clear_statuses_and_store_nothing() {
                 ..Default::default()
             }),
             "stdout_digest",
+        ),
+        (
+            Some(with_file(&good, |f| f.path = "/etc/passwd".into())),
+            "output paths are relative",
+        ),
+        (
+            Some(with_file(&good, |f| f.contents = b"not x".to_vec())),
+            "contents: the inlined bytes are",
+        ),
+        (
+            Some(ActionResult {
+                stdout_digest: Some(Digest::of(b"out").to_proto()),
+                stdout_raw: b"other".to_vec(),
+                ..Default::default()
+            }),
+            "stdout_raw",
         ),
     ];
     for (result, names) in cases {

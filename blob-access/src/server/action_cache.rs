@@ -49,11 +49,47 @@ fn check_digests(result: &ActionResult) -> Result<(), Status> {
             Status::invalid_argument(format!("action_result.{field}: {}", s.message()))
         })
     };
+    let relative = |field: String, path: &str| {
+        if path.is_empty() || path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "action_result.{field}: output paths are relative to the working directory, not {path:?}"
+            )));
+        }
+        Ok(())
+    };
+    // Inlined bytes are served as they are: they must be what their digest says.
+    let inlined = |field: String, data: &[u8], d: &crate::proto::Digest| {
+        let digest = Digest::of(data);
+        if !data.is_empty()
+            && (digest.hash() != d.hash || digest.size_bytes() as i64 != d.size_bytes)
+        {
+            return Err(Status::invalid_argument(format!(
+                "action_result.{field}: the inlined bytes are {digest}, not the digest given"
+            )));
+        }
+        Ok(())
+    };
     for (i, f) in result.output_files.iter().enumerate() {
-        named(
-            format!("output_files[{i}] ({:?})", f.path),
-            f.digest.as_ref(),
+        let at = format!("output_files[{i}] ({:?})", f.path);
+        named(at.clone(), f.digest.as_ref())?;
+        relative(at.clone(), &f.path)?;
+        inlined(
+            format!("{at}.contents"),
+            &f.contents,
+            f.digest.as_ref().unwrap_or(&Default::default()),
         )?;
+    }
+    #[allow(deprecated)] // Older clients (Bazel 4) still fill the split fields.
+    let links = [
+        &result.output_symlinks,
+        &result.output_file_symlinks,
+        &result.output_directory_symlinks,
+    ];
+    for (i, l) in links.into_iter().flatten().enumerate() {
+        relative(format!("output symlink {i} ({:?})", l.path), &l.path)?;
+    }
+    for (i, d) in result.output_directories.iter().enumerate() {
+        relative(format!("output_directories[{i}]"), &d.path)?;
     }
     for (i, d) in result.output_directories.iter().enumerate() {
         let at = format!("output_directories[{i}] ({:?})", d.path);
@@ -79,6 +115,14 @@ fn check_digests(result: &ActionResult) -> Result<(), Status> {
     ] {
         if d.is_some() {
             named(field.to_string(), d.as_ref())?;
+        }
+    }
+    for (field, raw, d) in [
+        ("stdout_raw", &result.stdout_raw, &result.stdout_digest),
+        ("stderr_raw", &result.stderr_raw, &result.stderr_digest),
+    ] {
+        if let Some(d) = d {
+            inlined(field.to_string(), raw, d)?;
         }
     }
     Ok(())
