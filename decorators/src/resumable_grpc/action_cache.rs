@@ -1,11 +1,7 @@
 //! `resumable_grpc` in an action cache tree: GetActionResult and
 //! UpdateActionResult forwarded to the remote, retried when the transport
-//! fails (a proxy reloading between two of a build's thousand lookups), by
-//! the same rules and budget as a read that makes no progress. Both calls are
-//! idempotent, so a retry never does harm. A call without an answer for the
-//! node's `stall_timeout` (a black-holed path) is abandoned and retried like a
-//! cut one. As for reads, a stall or a second transport failure in a row
-//! moves the calls to a fresh connection ([`super::Channels`]).
+//! fails (a proxy reloading between two of a build's thousand lookups) by
+//! the rules of [`super::unary`].
 
 use super::channels::Channels;
 use super::observe::ObservingChannel;
