@@ -56,6 +56,9 @@ pub struct GrpcBlobAccess {
     reads: Arc<Coalescer<Digest, Bytes>>,
     /// Small writes, coalesced into BatchUpdateBlobs calls.
     updates: Arc<Coalescer<(Digest, Bytes), ()>>,
+    /// A small read the server refuses to batch goes through ByteStream here
+    /// (else its UNIMPLEMENTED is the caller's to act on).
+    read_fallback: bool,
 }
 
 impl GrpcBlobAccess {
@@ -81,7 +84,17 @@ impl GrpcBlobAccess {
             counters,
             reads,
             updates,
+            read_fallback: true,
         }
+    }
+
+    /// A small read whose batch call the server answers UNIMPLEMENTED fails
+    /// with that code instead of going through this node's ByteStream read
+    /// (`resumable_grpc` reads it its own way). Later reads see a batch
+    /// limit of 0 either way.
+    pub fn without_read_fallback(mut self) -> Self {
+        self.read_fallback = false;
+        self
     }
 
     pub fn connection(&self) -> &GrpcConnection {
@@ -191,10 +204,18 @@ impl GrpcBlobAccess {
         while let Some(c) = s.next().await {
             buf.extend_from_slice(&c?);
         }
-        let size = digest.size_bytes();
-        self.updates
-            .call((digest.clone(), buf.freeze()), size, limit)
-            .await
+        let (size, data) = (digest.size_bytes(), buf.freeze());
+        let sent = self
+            .updates
+            .call((digest.clone(), data.clone()), size, limit);
+        match sent.await {
+            // A server without batch calls: this blob too through ByteStream.
+            Err(e) if self.conn.note_batch_failure(&e) => {
+                let (conn, digest) = (self.conn.clone(), digest.clone());
+                Self::bytestream_write(conn, digest, crate::util::once(data)).await
+            }
+            r => r,
+        }
     }
 
     /// BatchUpdateBlobs for `blobs`, one call per instance name among them;
@@ -334,7 +355,7 @@ impl BlobAccess for GrpcBlobAccess {
     fn get(&self, digest: &Digest, range: ReadRange) -> BlobStream {
         self.counters.inc("gets");
         let (conn, d, counters) = (self.conn.clone(), digest.clone(), self.counters.clone());
-        let reads = self.reads.clone();
+        let (reads, fallback) = (self.reads.clone(), self.read_fallback);
         let raw = if digest.size_bytes() == 0 {
             // The empty blob needs no round trip.
             futures::stream::empty().boxed()
@@ -344,8 +365,16 @@ impl BlobAccess for GrpcBlobAccess {
                 let limit = conn.batch_limit().await.unwrap_or(0);
                 let size = d.size_bytes();
                 Ok::<_, Error>(if range.is_full() && size <= limit {
-                    let read = async move { reads.call(d, size, limit).await };
-                    futures::stream::once(read).boxed()
+                    let read = async move {
+                        match reads.call(d.clone(), size, limit).await {
+                            // A server without batch calls: this blob too through ByteStream.
+                            Err(e) if conn.note_batch_failure(&e) && fallback => {
+                                Self::bytestream_read(conn, c, d, range)
+                            }
+                            r => futures::stream::once(async { r }).boxed(),
+                        }
+                    };
+                    futures::stream::once(read).flatten().boxed()
                 } else {
                     Self::bytestream_read(conn, c, d, range)
                 })

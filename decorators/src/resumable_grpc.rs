@@ -44,8 +44,8 @@ use blob_access::config_types::{ByteSize, Duration};
 use blob_access::grpc::{Compression, GrpcBlobAccess, GrpcConfig, GrpcConnection};
 use blob_access::resource::Compressor;
 use blob_access::{
-    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Digest, NodeMetrics, ReadRange,
-    Reopen, Result,
+    BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Code, Digest, NodeMetrics,
+    ReadRange, Reopen, Result,
 };
 use cas_calls::RetryingCasCalls;
 use futures::{FutureExt, StreamExt};
@@ -193,7 +193,7 @@ impl ResumableGrpcBlobAccess {
             reads,
             writes,
             channels,
-            plain: Arc::new(GrpcBlobAccess::with_calls(conn, calls)),
+            plain: Arc::new(GrpcBlobAccess::with_calls(conn, calls).without_read_fallback()),
         }
     }
 
@@ -250,10 +250,14 @@ impl BlobAccess for ResumableGrpcBlobAccess {
         let (plain, digest) = (self.plain.clone(), digest.clone());
         futures::stream::once(async move {
             let limit = conn.batch_limit().await.unwrap_or(0);
-            if range.is_full() && digest.size_bytes() <= limit {
-                plain.get(&digest, range)
-            } else {
-                resuming
+            if !(range.is_full() && digest.size_bytes() <= limit) {
+                return resuming;
+            }
+            // A server without batch calls (UNIMPLEMENTED): through ByteStream, resuming.
+            let mut small = plain.get(&digest, range).peekable();
+            match std::pin::Pin::new(&mut small).peek().await {
+                Some(Err(e)) if e.code() == Code::Unimplemented => resuming,
+                _ => small.boxed(),
             }
         })
         .flatten()

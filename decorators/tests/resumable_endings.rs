@@ -246,3 +246,29 @@ async fn a_proxy_page_on_every_attempt_is_retried_and_named_in_the_give_up() {
         );
     }
 }
+
+/// A ByteStream-only server (batch calls UNIMPLEMENTED, as this fault server
+/// answers): small blobs still arrive, through ByteStream, for both the plain
+/// `grpc` node and `resumable_grpc`, and later reads skip the batch call.
+#[tokio::test]
+async fn a_server_without_batch_calls_gets_small_blobs_through_bytestream() {
+    use blob_access::{util, BuildContext, ReadRange};
+    let server = H2Server::start(false).await;
+    for node in ["grpc", "resumable_grpc: {grpc"] {
+        let close = if node == "grpc" { "" } else { "}" };
+        let yaml = format!("{node}: {{endpoint: \"{}\"}}{close}", server.endpoint());
+        let config =
+            blob_access_config::load_str(&yaml, blob_access_config::Format::Yaml, "t").unwrap();
+        let cas = config.build_cas(&BuildContext::root()).unwrap();
+        for seed in 0..3 {
+            let data = test_blob(1000 + seed as usize, 40 + seed);
+            let d = server.insert(data.clone());
+            let before = server.reads();
+            let got = util::read_to_bytes(&*cas, &d, ReadRange::FULL, 1 << 20)
+                .await
+                .unwrap_or_else(|e| panic!("{node}: {e}"));
+            assert!(got == data, "{node}");
+            assert_eq!(server.reads() - before, 1, "{node}: one ByteStream read");
+        }
+    }
+}

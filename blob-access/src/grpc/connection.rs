@@ -51,6 +51,9 @@ struct Inner {
     compression: Compression,
     max_batch_override: Option<u64>,
     capabilities: tokio::sync::OnceCell<Capabilities>,
+    /// The server answered a batch call UNIMPLEMENTED (a ByteStream-only
+    /// server or proxy): blobs of every size go through ByteStream since.
+    no_batch_calls: std::sync::atomic::AtomicBool,
 }
 
 /// A header value, ready to send: fixed, or re-read from its file when the file changes.
@@ -185,6 +188,7 @@ impl GrpcConnection {
                 credentials,
                 compression: cfg.compression,
                 max_batch_override: cfg.max_batch_size_bytes.map(|b| b.bytes()),
+                no_batch_calls: Default::default(),
                 capabilities: tokio::sync::OnceCell::new(),
             }),
         })
@@ -315,10 +319,37 @@ impl GrpcConnection {
         }
     }
 
+    /// Whether the server answered a batch call UNIMPLEMENTED.
+    pub fn batch_calls_unimplemented(&self) -> bool {
+        self.inner
+            .no_batch_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes that `e`, the failure of a whole batch call, says the server has
+    /// no batch calls; returns whether it did (the blob should go through
+    /// ByteStream instead).
+    pub fn note_batch_failure(&self, e: &Error) -> bool {
+        let unimplemented = e.code() == Code::Unimplemented;
+        if unimplemented
+            && !self
+                .inner
+                .no_batch_calls
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(backend = %self.inner.name, "the server has no batch calls (UNIMPLEMENTED); using ByteStream for every blob");
+        }
+        unimplemented
+    }
+
     /// Blobs up to this size use the batch calls.
     pub fn batch_limit(&self) -> futures::future::BoxFuture<'static, Result<u64>> {
         let (over, caps) = (self.inner.max_batch_override, self.capabilities());
+        let unimplemented = self.batch_calls_unimplemented();
         Box::pin(async move {
+            if unimplemented {
+                return Ok(0);
+            }
             if let Some(n) = over {
                 return Ok(n);
             }
