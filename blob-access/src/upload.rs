@@ -193,9 +193,8 @@ fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<Digest> {
     }
     let mut file = std::fs::File::open(path).map_err(|e| named(path, e))?;
     let mut h = crate::DigestFunction::Sha256.hasher();
-    let len = file.metadata().map_err(|e| named(path, e))?.len();
     // One byte more than the file, so a small file's end is seen in one read.
-    let want = (len as usize).saturating_add(1).min(256 << 10);
+    let want = (meta.len() as usize).saturating_add(1).min(256 << 10);
     if buf.len() < want {
         buf.resize(want, 0);
     }
