@@ -461,3 +461,65 @@ fn files_are_not_fsynced_one_by_one_unless_asked() {
     check(&synced);
     assert!(fsyncs >= n, "--fsync: {fsyncs} fsyncs for {n} files");
 }
+
+#[test]
+fn many_small_files_replace_what_outdir_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    // More files than go to a writer thread at once, of sizes that cut the
+    // groups by bytes too, some identical.
+    let content = |i: usize| format!("{}:{i}\n", "x".repeat(i * 3001 % 700_000));
+    let dirs: Vec<DirectoryNode> = (0..4)
+        .map(|k| {
+            let files = (0..60)
+                .map(|i| {
+                    let d = cas.put(content(k * 60 + i % 50));
+                    file(&format!("f{i:02}"), &d, i % 4 == 0)
+                })
+                .collect();
+            dir(
+                &format!("d{k}"),
+                &cas.put_dir(&Directory {
+                    files,
+                    ..Default::default()
+                }),
+            )
+        })
+        .collect();
+    let root = cas.put_dir(&Directory {
+        directories: dirs,
+        ..Default::default()
+    });
+    let out = tmp.path().join("out");
+    // Old contents and modes where some of the tree's files go.
+    for k in 0..4 {
+        std::fs::create_dir_all(out.join(format!("d{k}"))).unwrap();
+        for i in (0..60).step_by(7) {
+            let p = out.join(format!("d{k}/f{i:02}"));
+            std::fs::write(&p, "old").unwrap();
+            let m = if i % 4 == 0 { 0o600 } else { 0o700 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+    }
+    let o = cas.fetch(&root, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for k in 0..4 {
+        for i in 0..60 {
+            let p = out.join(format!("d{k}/f{i:02}"));
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                content(k * 60 + i % 50).as_bytes(),
+                "{}",
+                p.display()
+            );
+            assert_eq!(mode(&p), if i % 4 == 0 { 0o755 } else { 0o644 });
+        }
+        assert_eq!(
+            std::fs::read_dir(out.join(format!("d{k}")))
+                .unwrap()
+                .count(),
+            60
+        );
+    }
+    assert_no_temp_files(&out);
+}

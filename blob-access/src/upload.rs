@@ -134,15 +134,17 @@ pub async fn put_files(
 /// One blob being sent.
 type Sending<'a> = futures::future::BoxFuture<'a, Result<()>>;
 
-/// Files hashed or read per hand-off to a blocking thread.
-const GROUP: usize = 32;
+/// Files hashed, read or written per hand-off to a blocking thread: one
+/// hand-off per small file costs more than the file's own work.
+pub const GROUP: usize = 32;
 /// Bytes read per hand-off at most (unless one file is larger), so that what
 /// waits in memory to be sent stays small.
-const GROUP_BYTES: u64 = 4 << 20;
+pub const GROUP_BYTES: u64 = 4 << 20;
 
-/// `digests` in order, cut into groups of at most `GROUP` blobs and (unless
-/// one alone is larger) `max_bytes`.
-fn groups<'a>(digests: &[&'a Digest], max_bytes: u64) -> Vec<Vec<&'a Digest>> {
+/// `digests` in order, cut into groups of at most [`GROUP`] blobs and (unless
+/// one alone is larger) `max_bytes`: the units of work handed to blocking
+/// threads when many small files are read or written.
+pub fn groups<'a>(digests: &[&'a Digest], max_bytes: u64) -> Vec<Vec<&'a Digest>> {
     let mut out: Vec<Vec<&Digest>> = Vec::new();
     let mut bytes = 0;
     for &d in digests {

@@ -32,7 +32,8 @@ pub fn chunked(data: Bytes, chunk: usize) -> BlobStream {
 }
 
 /// Reads (part of) a blob into memory, failing with RESOURCE_EXHAUSTED rather
-/// than buffering more than `max_bytes`.
+/// than buffering more than `max_bytes`. A blob that arrives in one chunk is
+/// that chunk, not a copy (it may share the buffer of a batch response).
 pub async fn read_to_bytes(
     ba: &dyn BlobAccess,
     digest: &Digest,
@@ -48,18 +49,35 @@ pub async fn read_to_bytes(
         ))
         .with_digest(digest));
     }
-    let mut buf = BytesMut::with_capacity(want as usize);
     let mut s = ba.get(digest, range);
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk?;
+    // A blob that comes in one chunk (most small ones) is returned as it is.
+    let first = match s.next().await {
+        Some(chunk) => chunk?,
+        None => return Ok(Bytes::new()),
+    };
+    let mut buf = BytesMut::new();
+    let mut chunk = first;
+    loop {
         if buf.len() + chunk.len() > max_bytes {
             return Err(
                 Error::resource_exhausted("stream exceeded the memory limit").with_digest(digest),
             );
         }
-        buf.extend_from_slice(&chunk);
+        match s.next().await {
+            None if buf.is_empty() => return Ok(chunk),
+            None => {
+                buf.extend_from_slice(&chunk);
+                return Ok(buf.freeze());
+            }
+            Some(next) => {
+                if buf.is_empty() {
+                    buf.reserve(want as usize);
+                }
+                buf.extend_from_slice(&chunk);
+                chunk = next?;
+            }
+        }
     }
-    Ok(buf.freeze())
 }
 
 /// Streams a blob into `path` atomically: a temp file in the same directory is
@@ -239,5 +257,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&part[..], &[1u8; 5]);
+    }
+
+    #[tokio::test]
+    async fn read_to_bytes_joins_chunks_in_order_and_passes_one_chunk_through() {
+        let cas = MemoryBlobAccess::new("memory", 4 << 20);
+        for size in [0usize, 1, 100, (1 << 20) + 17, 3 << 20] {
+            let data: Bytes = (0..size)
+                .map(|i| (i * 7 / 3) as u8)
+                .collect::<Vec<_>>()
+                .into();
+            let d = Digest::of(&data);
+            cas.put(&d, once(data.clone())).await.unwrap();
+            let got = read_to_bytes(&cas, &d, ReadRange::FULL, size)
+                .await
+                .unwrap();
+            assert!(got == data, "size {size}");
+            let tail = read_to_bytes(&cas, &d, ReadRange::new(size as u64 / 2, None), size)
+                .await
+                .unwrap();
+            assert!(tail == data.slice(size / 2..), "tail of size {size}");
+        }
     }
 }

@@ -7,14 +7,15 @@
 //! level several at once, each distinct digest once.
 //!
 //! Files are then fetched many at a time, each distinct digest once, each
-//! verified by the `get` stream (size and digest) and written atomically: temp
-//! file with its mode, rename. A file that exists therefore holds its whole
-//! verified content. Small files are read whole, `SMALL_JOBS` at once (a
-//! `grpc` node coalesces them into batch calls) and written in one blocking
-//! call each; large ones stream, `--jobs` at once. Instead of an fsync per
-//! file, the filesystem is synced once at the end (`syncfs`); `--fsync` also
-//! syncs each file before its rename. Symlinks come last, so no file is
-//! written through a symlink of the tree.
+//! verified by the `get` stream (size and digest) and written atomically: an
+//! unnamed file with its mode, linked into place (or a temp file, renamed). A
+//! file that exists therefore holds its whole verified content, and a killed
+//! run leaves no temp files of small ones. Small files are read whole, in
+//! groups (a `grpc` node coalesces them into batch calls), and each group is
+//! written in one blocking call; large ones stream, `--jobs` at once. Instead
+//! of an fsync per file, the filesystem is synced once at the end (`syncfs`);
+//! `--fsync` also syncs each file before it gets its name. Symlinks come last,
+//! so no file is written through a symlink of the tree.
 //!
 //! On failure OUTDIR may hold part of the tree (directories, some files, no
 //! symlinks), never a partial file; the error names the path in the tree and
@@ -23,7 +24,7 @@
 //! that already exists in OUTDIR as anything but a directory (say a symlink).
 
 use crate::progress::Ui;
-use blob_access::{proto, util, BlobAccess, Digest, DigestFunction, ReadRange};
+use blob_access::{proto, upload, util, BlobAccess, Digest, DigestFunction, ReadRange};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
@@ -193,10 +194,7 @@ async fn walk(
 
 /// A name beside `path` for a temp file or symlink that is renamed over it.
 fn temp_beside(path: &Path) -> PathBuf {
-    path.with_file_name(format!(
-        ".blob-access-{}.tmp",
-        uuid::Uuid::new_v4().simple()
-    ))
+    path.with_file_name(format!(".blob-access-{:016x}.tmp", rand::random::<u64>()))
 }
 
 /// Creates a symlink atomically (beside it, then renamed over any old entry).
@@ -210,12 +208,82 @@ fn symlink(target: &str, path: &Path) -> std::io::Result<()> {
 
 /// Files up to this size are fetched whole into memory and written in one go.
 const SMALL_FILE: u64 = 1 << 20;
-/// Small files in flight at once: at most `SMALL_JOBS` MiB in memory, and
-/// enough to fill batch calls.
+/// Small files in flight at once, enough to fill batch calls; they go in
+/// groups of at most 4 MiB, so at most `SMALL_JOBS / GROUP` groups are in
+/// memory.
 const SMALL_JOBS: usize = 256;
 
-/// Writes `data` to `to` atomically (temp file beside it, renamed), with `mode`.
+/// Writes `data` to `to` atomically, with `mode`: into an unnamed file in its
+/// directory (`O_TMPFILE`), then linked into place, which touches the
+/// directory once where a named temp file and a rename touch it three times
+/// (a directory's lock is what threads writing into it wait on). Where the
+/// filesystem has no unnamed files, or `to` exists, a temp file is renamed.
 fn write_file(
+    to: &Path,
+    data: &[u8],
+    mode: std::fs::Permissions,
+    fsync: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let unnamed = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir);
+    let mut f = match unnamed {
+        Ok(f) => f,
+        // No O_TMPFILE here (EOPNOTSUPP, or EISDIR/EINVAL from old kernels).
+        Err(_) => return write_renamed(to, data, mode, fsync),
+    };
+    f.write_all(data)?;
+    f.set_permissions(mode.clone())?;
+    if fsync {
+        f.sync_all()?;
+    }
+    match link_unnamed(&f, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let tmp = temp_beside(to);
+            link_unnamed(&f, &tmp)?;
+            std::fs::rename(&tmp, to).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+        }
+        // No /proc to name the unnamed file by.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => {
+            write_renamed(to, data, mode, fsync)
+        }
+        linked => linked,
+    }
+}
+
+/// Gives the unnamed (`O_TMPFILE`) file `f` the name `to`; fails if `to`
+/// exists.
+fn link_unnamed(f: &std::fs::File, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let linked = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if linked == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Writes `data` to `to` atomically with a named temp file beside it, renamed.
+fn write_renamed(
     to: &Path,
     data: &[u8],
     mode: std::fs::Permissions,
@@ -274,32 +342,47 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("file thread failed: {e}"))?
 }
 
-/// Fetches one small blob into memory and writes it to each of `files` (all
-/// of the same digest).
-async fn fetch_small(
+/// Fetches a group of small blobs into memory, at once (a `grpc` node below
+/// coalesces them into batch calls), and writes each to its files (all those
+/// of its digest) in one blocking call for the whole group.
+async fn fetch_small_group(
     cas: &dyn BlobAccess,
     out: &Path,
-    files: &[&File],
+    group: Vec<&[&File]>,
     fsync: bool,
     bar: &indicatif::ProgressBar,
 ) -> Result<(), String> {
-    let first = files[0];
-    let size = first.digest.size_bytes();
-    let data = util::read_to_bytes(cas, &first.digest, ReadRange::FULL, size as usize)
-        .await
-        .map_err(|e| first.error(e))?;
-    let targets: Vec<_> = files
+    let reads = group.iter().map(|files| async move {
+        let first = files[0];
+        let size = first.digest.size_bytes() as usize;
+        util::read_to_bytes(cas, &first.digest, ReadRange::FULL, size)
+            .await
+            .map_err(|e| first.error(e))
+    });
+    let blobs = futures::future::try_join_all(reads).await?;
+    let mut bytes = 0;
+    let writes: Vec<_> = group
         .iter()
-        .map(|f| (out.join(&f.path), f.mode(), f.error("writing")))
+        .zip(blobs)
+        .map(|(files, data)| {
+            bytes += data.len() as u64 * files.len() as u64;
+            let targets: Vec<_> = files
+                .iter()
+                .map(|f| (out.join(&f.path), f.mode(), f.error("writing")))
+                .collect();
+            (data, targets)
+        })
         .collect();
     blocking(move || {
-        for (path, mode, what) in targets {
-            write_file(&path, &data, mode, fsync).map_err(|e| format!("{what}: {e}"))?;
+        for (data, targets) in writes {
+            for (path, mode, what) in targets {
+                write_file(&path, &data, mode, fsync).map_err(|e| format!("{what}: {e}"))?;
+            }
         }
         Ok(())
     })
     .await?;
-    bar.inc(size * files.len() as u64);
+    bar.inc(bytes);
     Ok(())
 }
 
@@ -371,9 +454,12 @@ pub async fn run(
     let bar = ui.bar(total, "fetch-tree");
     let (small, large): (Vec<&Digest>, Vec<&Digest>) =
         order.iter().partition(|d| d.size_bytes() <= SMALL_FILE);
-    let small = futures::stream::iter(small)
-        .map(|d| fetch_small(&*cas, out, &by_digest[d], fsync, &bar))
-        .buffer_unordered(SMALL_JOBS)
+    let small = futures::stream::iter(upload::groups(&small, upload::GROUP_BYTES))
+        .map(|g| {
+            let group = g.into_iter().map(|d| &by_digest[d][..]).collect();
+            fetch_small_group(&*cas, out, group, fsync, &bar)
+        })
+        .buffer_unordered(SMALL_JOBS / upload::GROUP)
         .try_collect::<()>();
     let large = futures::stream::iter(large)
         .map(|d| fetch_large(&*cas, out, &by_digest[d], fsync, &bar))
