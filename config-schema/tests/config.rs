@@ -157,6 +157,28 @@ fn schema_rejects_what_the_loader_rejects() {
     }
 }
 
+#[test]
+fn schema_and_loader_agree_on_endpoints() {
+    let validator = jsonschema::validator_for(&json_schema()).unwrap();
+    for (endpoint, good) in [
+        ("grpc://127.0.0.1:8980", true),
+        ("grpcs://cache.example.com:443", true),
+        ("grpc://[::1]:8980", true),
+        ("unix:/run/cache.sock", true),
+        ("http://127.0.0.1:8980", false),
+        ("127.0.0.1:8980", false),
+        ("grpc://127.0.0.1", false),
+        ("grpcs://cache.example.com", false),
+        ("unix:", false),
+        ("", false),
+    ] {
+        let config = serde_json::json!({"grpc": {"endpoint": endpoint}});
+        assert_eq!(validator.is_valid(&config), good, "schema on {endpoint:?}");
+        let loaded = load_str(&config.to_string(), Format::Json, "t");
+        assert_eq!(loaded.is_ok(), good, "loader on {endpoint:?}: {loaded:?}");
+    }
+}
+
 const TWO_TREES: &str = "
 content_addressable_storage:
   memory: {max_size_bytes: 1GiB}

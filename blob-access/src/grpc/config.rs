@@ -14,6 +14,7 @@ pub struct GrpcConfig {
     /// `grpc://host:port` (plain HTTP/2), `grpcs://host:port` (TLS with the system's roots,
     /// plus `ca_file` if set) or `unix:/path/to/socket`.
     #[serde(deserialize_with = "super::checks::deserialize_endpoint")]
+    #[schemars(regex(pattern = r"^(grpcs?://[^/?#\s]+:[0-9]{1,5}/?|unix:.+)$"))]
     pub endpoint: String,
     /// REAPI instance name; may be empty or contain slashes.
     #[serde(default)]
