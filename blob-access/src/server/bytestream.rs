@@ -199,7 +199,9 @@ impl byte_stream_server::ByteStream for ByteStream {
             .check_instance(&res.instance_name, request.extensions(), Permission::Read)?;
         res.digest = res.digest.with_instance_name(&res.instance_name);
         // Partial uploads are not kept: an upload is either complete (the blob is
-        // stored) or has to start again at 0.
+        // stored) or has to start again at 0. An unknown upload is OK with 0, not
+        // the NOT_FOUND ByteStream allows: Bazel's uploader fails the upload on
+        // any QueryWriteStatus error but UNIMPLEMENTED, where 0 makes it resend.
         let missing = self
             .0
             .backend
