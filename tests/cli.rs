@@ -85,6 +85,53 @@ fn get_to_a_file_follows_the_umask_and_refuses_a_directory() {
     assert!(left.is_empty(), "temp files left behind: {left:?}");
 }
 
+#[test]
+fn a_killed_get_leaves_no_file_behind() {
+    // A server that accepts and never answers: `get -o` has made its file and
+    // waits for the first byte when it is killed.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = grpc_config(dir.path(), "c.yaml", port);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let digest = format!("{}/{}", "ab".repeat(32), 5 << 30);
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "get",
+            "-q",
+            "--config",
+            config.to_str().unwrap(),
+            &digest,
+            "-o",
+        ])
+        .arg(out_dir.join("blob"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _held = silent.accept().unwrap();
+    // Wait until the process holds a file in `out` open (named or unnamed).
+    let fds = format!("/proc/{}/fd", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let holds_file = || {
+        std::fs::read_dir(&fds)
+            .unwrap()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p.starts_with(&out_dir)))
+    };
+    while !holds_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "get never made its file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// sha256sum's answer, independent of our own hashing.
 fn expected_digest(file: &Path) -> String {
     let out = std::process::Command::new("sha256sum")

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod action_cache;
+pub mod atomic_file;
 pub mod chaos;
 pub mod config_types;
 pub mod digest;

@@ -80,9 +80,10 @@ pub async fn read_to_bytes(
     }
 }
 
-/// Streams a blob into `path` atomically: a temp file in the same directory is
-/// written, fsynced and renamed, so `path` holds either nothing new or the whole
-/// verified blob. `progress` is called with each chunk's length.
+/// Streams a blob into `path` atomically ([`crate::atomic_file`]): the file
+/// is written, fsynced and only then given its name, so `path` holds either
+/// nothing new or the whole verified blob, and a failed or killed download
+/// leaves no temp file. `progress` is called with each chunk's length.
 pub async fn write_to_file(
     ba: &dyn BlobAccess,
     digest: &Digest,
@@ -92,10 +93,10 @@ pub async fn write_to_file(
     write_to_file_with(ba, digest, path, true, progress).await
 }
 
-/// [`write_to_file`], with the fsync before the rename only if `fsync`: the
-/// rename alone still shows either nothing new or the whole blob to readers,
-/// but a crash may leave an empty file. For callers that write many files and
-/// sync the filesystem once at the end.
+/// [`write_to_file`], with the fsync before naming the file only if `fsync`:
+/// readers still see either nothing new or the whole blob, but a crash may
+/// leave an empty file. For callers that write many files and sync the
+/// filesystem once at the end.
 pub async fn write_to_file_with(
     ba: &dyn BlobAccess,
     digest: &Digest,
@@ -103,10 +104,6 @@ pub async fn write_to_file_with(
     fsync: bool,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
     let io = |what: &str, e| Error::io(format_args!("{what} {}", path.display()), e);
     let is_dir = || {
         Error::invalid_argument(format!(
@@ -117,17 +114,14 @@ pub async fn write_to_file_with(
     if tokio::fs::metadata(path).await.is_ok_and(|m| m.is_dir()) {
         return Err(is_dir());
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(".blob-access-")
-        .suffix(".tmp")
-        // Created with 0666 less the umask, as a plain file would be (not 0600).
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(&dir)
-        .map_err(|e| io("creating a temp file beside", e))?;
-    let (std_file, tmp_path) = tmp.into_parts();
-    let mut file = tokio::fs::File::from_std(std_file);
+    let target = path.to_path_buf();
+    // Created with 0666 less the umask, as a plain file would be (not 0600).
+    let mut new = blocking(move || crate::atomic_file::AtomicFile::create_beside(&target, 0o666))
+        .await
+        .map_err(|e| io("creating a file beside", e))?;
+    let mut file = tokio::fs::File::from_std(new.file().try_clone().map_err(|e| io("opening", e))?);
     let mut s = ba.get(digest, ReadRange::FULL);
-    // On any error `tmp_path` is dropped, which deletes the temp file.
+    // On any error `new` is dropped, and with it what was written.
     while let Some(chunk) = s.next().await {
         let chunk = chunk?;
         file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
@@ -139,12 +133,24 @@ pub async fn write_to_file_with(
         file.flush().await.map_err(|e| io("writing", e))?;
     }
     drop(file);
-    tmp_path.persist(path).map_err(|e| match e.error.kind() {
-        // Made a directory while the blob was downloading.
-        std::io::ErrorKind::IsADirectory => is_dir(),
-        _ => io("renaming into place", e.error),
-    })?;
+    let target = path.to_path_buf();
+    blocking(move || new.persist(&target))
+        .await
+        .map_err(|e| match e.kind() {
+            // Made a directory while the blob was downloading.
+            std::io::ErrorKind::IsADirectory => is_dir(),
+            _ => io("naming", e),
+        })?;
     Ok(())
+}
+
+/// Runs a blocking file operation off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// A lazy stream of a file's contents in `CHUNK_SIZE` chunks.

@@ -24,6 +24,7 @@
 //! that already exists in OUTDIR as anything but a directory (say a symlink).
 
 use crate::progress::Ui;
+use blob_access::atomic_file::{self, AtomicFile};
 use blob_access::{proto, upload, util, BlobAccess, Digest, DigestFunction, ReadRange};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
@@ -192,20 +193,6 @@ async fn walk(
     Ok(tree)
 }
 
-/// A name beside `path` for a temp file or symlink that is renamed over it.
-fn temp_beside(path: &Path) -> PathBuf {
-    path.with_file_name(format!(".blob-access-{:016x}.tmp", rand::random::<u64>()))
-}
-
-/// Creates a symlink atomically (beside it, then renamed over any old entry).
-fn symlink(target: &str, path: &Path) -> std::io::Result<()> {
-    let tmp = temp_beside(path);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 /// Files up to this size are fetched whole into memory and written in one go.
 const SMALL_FILE: u64 = 1 << 20;
 /// Small files in flight at once, enough to fill batch calls; they go in
@@ -213,11 +200,7 @@ const SMALL_FILE: u64 = 1 << 20;
 /// memory.
 const SMALL_JOBS: usize = 256;
 
-/// Writes `data` to `to` atomically, with `mode`: into an unnamed file in its
-/// directory (`O_TMPFILE`), then linked into place, which touches the
-/// directory once where a named temp file and a rename touch it three times
-/// (a directory's lock is what threads writing into it wait on). Where the
-/// filesystem has no unnamed files, or `to` exists, a temp file is renamed.
+/// Writes `data` to `to` atomically ([`AtomicFile`]), with `mode`.
 fn write_file(
     to: &Path,
     data: &[u8],
@@ -225,89 +208,15 @@ fn write_file(
     fsync: bool,
 ) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = to.parent().unwrap_or(Path::new("."));
-    let unnamed = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir);
-    let mut f = match unnamed {
-        Ok(f) => f,
-        // No O_TMPFILE here (EOPNOTSUPP, or EISDIR/EINVAL from old kernels).
-        Err(_) => return write_renamed(to, data, mode, fsync),
-    };
+    let mut new = AtomicFile::create_beside(to, 0o600)?;
+    let f = new.file();
     f.write_all(data)?;
-    f.set_permissions(mode.clone())?;
+    // Exactly the tree's mode, whatever the umask.
+    f.set_permissions(mode)?;
     if fsync {
         f.sync_all()?;
     }
-    match link_unnamed(&f, to) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let tmp = temp_beside(to);
-            link_unnamed(&f, &tmp)?;
-            std::fs::rename(&tmp, to).inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })
-        }
-        // No /proc to name the unnamed file by.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => {
-            write_renamed(to, data, mode, fsync)
-        }
-        linked => linked,
-    }
-}
-
-/// Gives the unnamed (`O_TMPFILE`) file `f` the name `to`; fails if `to`
-/// exists.
-fn link_unnamed(f: &std::fs::File, to: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both are NUL-terminated paths that live across the call.
-    let linked = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if linked == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Writes `data` to `to` atomically with a named temp file beside it, renamed.
-fn write_renamed(
-    to: &Path,
-    data: &[u8],
-    mode: std::fs::Permissions,
-    fsync: bool,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = temp_beside(to);
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.set_permissions(mode)?;
-        if fsync {
-            f.sync_all()?;
-        }
-        drop(f);
-        std::fs::rename(&tmp, to)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    new.persist(to)
 }
 
 /// Copies a fetched file to `to` atomically, with `mode`.
@@ -317,20 +226,14 @@ fn copy_file(
     mode: std::fs::Permissions,
     fsync: bool,
 ) -> std::io::Result<()> {
-    let tmp = temp_beside(to);
-    let copied = (|| {
-        std::fs::copy(from, &tmp)?;
-        let f = std::fs::File::open(&tmp)?;
-        f.set_permissions(mode)?;
-        if fsync {
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, to)
-    })();
-    if copied.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut new = AtomicFile::create_beside(to, 0o600)?;
+    let f = new.file();
+    std::io::copy(&mut std::fs::File::open(from)?, f)?;
+    f.set_permissions(mode)?;
+    if fsync {
+        f.sync_all()?;
     }
-    copied
+    new.persist(to)
 }
 
 /// Runs blocking file work off the async threads.
@@ -467,7 +370,7 @@ pub async fn run(
         .try_collect::<()>();
     futures::try_join!(small, large)?;
     for (rel, target) in &tree.symlinks {
-        symlink(target, &out.join(rel))
+        atomic_file::symlink(target, &out.join(rel))
             .map_err(|e| format!("{}: creating a symlink to {target:?}: {e}", rel.display()))?;
     }
     sync_filesystem(out)?;
