@@ -1,6 +1,7 @@
 //! A proxy's HTML error page instead of a gRPC answer (nginx's 502, HAProxy's
 //! 503): the `grpc` node reports the code gRPC maps that HTTP status to, with
-//! a message naming it, not a decode error of the HTML.
+//! a message naming it, not a decode error of the HTML; a web server's 200
+//! page says it is not gRPC.
 
 use blob_access::grpc::{GrpcBlobAccess, GrpcConfig, GrpcConnection};
 use blob_access::{util, BlobAccess, Code, Digest, ReadRange};
@@ -34,9 +35,10 @@ async fn html_server(status: u16) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn a_proxys_502_page_is_unavailable_naming_the_http_status() {
-    let addr = html_server(502).await;
+/// Each call of a `grpc` node to a server answering with `status` and an
+/// HTML page fails with `code`, its message containing `says`.
+async fn every_call_fails(status: u16, code: Code, says: &str) {
+    let addr = html_server(status).await;
     let cfg: GrpcConfig =
         serde_json::from_value(serde_json::json!({"endpoint": format!("grpc://{addr}")})).unwrap();
     let ba = GrpcBlobAccess::new(GrpcConnection::new("remote", &cfg).unwrap());
@@ -50,9 +52,20 @@ async fn a_proxys_502_page_is_unavailable_naming_the_http_status() {
         ("put", put.unwrap_err()),
         ("find_missing", find_missing.unwrap_err()),
     ] {
-        assert_eq!(err.code(), Code::Unavailable, "{call}: {err}");
+        assert_eq!(err.code(), code, "{call}: {err}");
         let msg = err.to_string();
-        assert!(msg.contains("HTTP 502 Bad Gateway"), "{call}: {msg}");
+        assert!(msg.contains(says), "{call}: {msg}");
         assert!(!msg.contains("compression flag"), "{call}: {msg}");
     }
+}
+
+#[tokio::test]
+async fn a_proxys_502_page_is_unavailable_naming_the_http_status() {
+    every_call_fails(502, Code::Unavailable, "HTTP 502 Bad Gateway").await;
+}
+
+#[tokio::test]
+async fn a_web_server_s_200_page_is_unknown_naming_its_content_type() {
+    let says = "HTTP 200 with content-type \"text/html\", not gRPC";
+    every_call_fails(200, Code::Unknown, says).await;
 }

@@ -205,8 +205,8 @@ async fn action_cache_calls_retry_proxy_pages_and_take_the_servers_answer() {
 
 /// A proxy's error page on every attempt of a `resumable_grpc` read: the
 /// channel maps its HTTP status to a gRPC code and message, but that status
-/// is not the server's, so even a 404 (UNIMPLEMENTED) is retried as a
-/// transport failure until the budget is spent, and the read ends
+/// is not the server's, so even a 404 (UNIMPLEMENTED) or a 200 web page is
+/// retried as a transport failure until the budget is spent, and the read ends
 /// UNAVAILABLE with the mapped status as its last cause.
 #[tokio::test]
 async fn a_proxy_page_on_every_attempt_is_retried_and_named_in_the_give_up() {
@@ -230,6 +230,10 @@ async fn a_proxy_page_on_every_attempt_is_retried_and_named_in_the_give_up() {
         (
             404,
             "Unimplemented: HTTP 404 Not Found from the server or a proxy",
+        ),
+        (
+            200,
+            "Unknown: HTTP 200 with content-type \"text/html\", not gRPC",
         ),
     ] {
         server.always(Some(H2Fault::HtmlPage { status }));

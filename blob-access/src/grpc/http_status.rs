@@ -66,21 +66,48 @@ where
     }
 }
 
+/// A 200 whose content-type says it is not gRPC: a web server's page (the
+/// endpoint names a web server, or a proxy answers for the server).
+fn not_grpc_content(response: &http::Response<impl Sized>) -> Option<String> {
+    let ct = response.headers().get(http::header::CONTENT_TYPE)?;
+    if ct.as_bytes().starts_with(b"application/grpc") {
+        return None;
+    }
+    // Printable ASCII without `%`: no percent-encoding needed in a grpc-message.
+    let shown: String = String::from_utf8_lossy(ct.as_bytes())
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && *c != '%' || *c == ' ')
+        .take(80)
+        .collect();
+    Some(shown)
+}
+
 /// The response tonic should see for `response`.
 fn fix<B: Default>(response: http::Response<B>) -> http::Response<B> {
     let status = response.status();
-    if status == http::StatusCode::OK || response.headers().contains_key("grpc-status") {
+    if response.headers().contains_key("grpc-status") {
         return response;
     }
+    // Digits, the canonical reason and a cleaned content-type only: printable
+    // ASCII without `%`, so the text needs no percent-encoding.
+    let message = if status == http::StatusCode::OK {
+        match not_grpc_content(&response) {
+            // tonic would read the page as gRPC frames ("invalid compression flag").
+            Some(ct) => format!(
+                "HTTP 200 with content-type {ct:?}, not gRPC: the endpoint or a proxy on the way \
+                 is a web server, not a REAPI server"
+            ),
+            None => return response,
+        }
+    } else {
+        format!(
+            "HTTP {} {} from the server or a proxy on the way, without a gRPC status",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("(unknown status)"),
+        )
+    };
     // Dropping the body (the HTML page) resets its stream, not the connection.
     let (parts, _page) = response.into_parts();
-    // Digits and the canonical reason only: printable ASCII without `%`, so
-    // the text needs no percent-encoding as a `grpc-message`.
-    let message = format!(
-        "HTTP {} {} from the server or a proxy on the way, without a gRPC status",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("(unknown status)"),
-    );
     let mut fixed = http::Response::new(B::default());
     *fixed.extensions_mut() = parts.extensions;
     fixed.extensions_mut().insert(Synthesized);
@@ -164,11 +191,14 @@ mod tests {
                 .status(200)
                 .header("content-type", "application/grpc")
                 .body("frames".to_string()),
-            // A 200 from a web server: tonic's own error, not ours to map.
             http::Response::builder()
                 .status(200)
-                .header("content-type", "text/html")
-                .body("<html>".to_string()),
+                .header("content-type", "application/grpc+proto")
+                .body("frames".to_string()),
+            // No content-type at all: tonic decides.
+            http::Response::builder()
+                .status(200)
+                .body("frames".to_string()),
         ];
         for answer in answers {
             let answer = answer.unwrap();
@@ -180,5 +210,25 @@ mod tests {
             assert_eq!(res.headers().get("grpc-status"), grpc_status.as_ref());
             assert!(res.extensions().get::<Synthesized>().is_none());
         }
+    }
+
+    #[test]
+    fn a_200_web_page_is_unknown_naming_its_content_type() {
+        let page = http::Response::builder()
+            .status(200)
+            .header("content-type", "text/html; charset=utf-8%\u{e9}")
+            .body("<html>Welcome to nginx!</html>".to_string())
+            .unwrap();
+        let (res, status) = seen(page);
+        assert_eq!(res.body(), "");
+        assert_eq!(res.extensions().get::<Synthesized>(), Some(&Synthesized));
+        let status = status.unwrap();
+        // As gRPC's HTTP mapping has it for 200: no code of its own.
+        assert_eq!(status.code(), Code::Unknown);
+        assert_eq!(
+            status.message(),
+            "HTTP 200 with content-type \"text/html; charset=utf-8\", not gRPC: the endpoint or a \
+             proxy on the way is a web server, not a REAPI server"
+        );
     }
 }
