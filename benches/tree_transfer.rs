@@ -6,7 +6,8 @@
 //! - `blob-access fetch-tree` vs `bgd cas download-dir` of the tree bgd
 //!   uploaded (goal: fetch-tree >= 5x faster), best of 3 into directories
 //!   never used before, and both again into /dev/shm to tell the transfer
-//!   from the disk;
+//!   from the disk, each beside `tar -x` of the same files (the filesystem's
+//!   own cost, the floor);
 //! - 100,000 digests through `blob-access find-missing` (stdin) in one call
 //!   vs a plain tonic loop of FindMissingBlobs calls.
 //!
@@ -217,16 +218,49 @@ fn main() {
             .0
         })
     };
+    // The filesystem's own cost of making these files: `tar -x` of them, in
+    // one process, nothing verified or fetched (the floor beside bgd).
+    let archive = work.path().join("tree.tar");
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status();
+    let tar_into = |outs: &mut Outputs| {
+        tarred.as_ref().is_ok_and(|s| s.success()).then(|| {
+            best_of(3, || {
+                let out = outs.fresh();
+                std::fs::create_dir(&out).unwrap();
+                timed(
+                    Command::new("tar")
+                        .arg("-C")
+                        .arg(&out)
+                        .arg("-xf")
+                        .arg(&archive),
+                )
+                .0
+            })
+        })
+    };
+    let print_tar = |secs: Option<f64>| {
+        if let Some(secs) = secs {
+            println!("  tar -x (the floor)       {}", rate(secs, n, bytes));
+        }
+    };
     // Best of 3 runs each, into directories never used before.
     let mut disk = Outputs::under(&work.path().join("out"));
     let fetch = fetch_into(&mut disk, &[]);
     let fetch_fsync = fetch_into(&mut disk, &["--fsync"]);
     let bgd_down = bgd_into(&mut disk);
+    let tar = tar_into(&mut disk);
     drop(disk);
     println!("download (best of 3, into {}):", work.path().display());
     println!("  blob-access fetch-tree   {}", rate(fetch, n, bytes));
     println!("  fetch-tree --fsync       {}", rate(fetch_fsync, n, bytes));
     println!("  bgd cas download-dir     {}", rate(bgd_down, n, bytes));
+    print_tar(tar);
     println!(
         "  fetch-tree is {:.1}x as fast as bgd (goal >= 5x)",
         bgd_down / fetch
@@ -237,9 +271,11 @@ fn main() {
         let mut mem = Outputs::under(&shm.join(format!("tree-transfer-{}", std::process::id())));
         let fetch = fetch_into(&mut mem, &[]);
         let bgd_down = bgd_into(&mut mem);
+        let tar = tar_into(&mut mem);
         println!("download into /dev/shm (best of 3):");
         println!("  blob-access fetch-tree   {}", rate(fetch, n, bytes));
         println!("  bgd cas download-dir     {}", rate(bgd_down, n, bytes));
+        print_tar(tar);
         println!("  fetch-tree is {:.1}x as fast as bgd", bgd_down / fetch);
     }
 
