@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests need: nginx (as a gRPC proxy, run unprivileged per test by
-# scripts/nginx.sh), Bazel 4.2.3 (a real REAPI client, run by tests/support/bazel.rs) and
-# BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh) in a Python venv at
-# target/venv. Idempotent: a second run only checks and exits in ~1 s.
+# Installs what the end-to-end tests need: nginx and HAProxy (as gRPC proxies, run unprivileged
+# per test by scripts/nginx.sh and scripts/haproxy.sh), Bazel 4.2.3 (a real REAPI client, run by
+# tests/support/bazel.rs) and BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh)
+# in a Python venv at target/venv. Idempotent: a second run only checks and exits in ~1 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."   # everything below is relative to the repo root
 
@@ -20,27 +20,40 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# nginx-light has the grpc_pass and http2 modules.
-if ! command -v nginx >/dev/null 2>&1; then
-    # Stop the package's postinst from starting the system nginx on port 80: tests run their
-    # own nginx instances from scripts/nginx.sh. policy-rc.d exit 101 = "action forbidden".
-    created_policy=0
+# Installs package $1, whose postinst would start the system service $2 (pid file $3): tests run
+# their own instances on free ports (scripts/nginx.sh, scripts/haproxy.sh), never the service.
+apt_install_without_service() {
+    local pkg=$1 service=$2 pidfile=$3 created_policy=0
+    # Stop the postinst from starting it (nginx on port 80, haproxy with /etc/haproxy's
+    # config). policy-rc.d exit 101 = "action forbidden".
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod +x /usr/sbin/policy-rc.d
         created_policy=1
     fi
-    apt_install nginx-light
+    apt_install "$pkg"
     if [ "$created_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-    # Belt and braces: if a system nginx got started anyway (e.g. systemd ignored policy-rc.d),
-    # stop it and keep it from starting at boot.
-    if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
-        echo "setup-test-env: stopping the system nginx service the package started"
-        nginx -s quit 2>/dev/null || kill "$(cat /run/nginx.pid)" || true
+    # Belt and braces: if it got started anyway (e.g. systemd ignored policy-rc.d), stop it and
+    # keep it from starting at boot.
+    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        echo "setup-test-env: stopping the system $service service the package started"
+        kill "$(cat "$pidfile")" || true
     fi
-    command -v systemctl >/dev/null 2>&1 && systemctl disable --now nginx >/dev/null 2>&1 || true
+    command -v systemctl >/dev/null 2>&1 && systemctl disable --now "$service" >/dev/null 2>&1 || true
+}
+
+# nginx-light has the grpc_pass and http2 modules.
+if ! command -v nginx >/dev/null 2>&1; then
+    apt_install_without_service nginx-light nginx /run/nginx.pid
 else
     echo "setup-test-env: nginx already installed ($(nginx -v 2>&1))"
+fi
+
+# HAProxy (2.6 on Debian 12) is a second h2c gRPC proxy, with its own ways of ending streams.
+if ! command -v haproxy >/dev/null 2>&1; then
+    apt_install_without_service haproxy haproxy /run/haproxy.pid
+else
+    echo "setup-test-env: haproxy already installed ($(haproxy -v | head -1))"
 fi
 
 # bazel-bootstrap is Debian's Bazel 4.2.3, with its JDK, self-contained: builds need no download.
@@ -92,4 +105,5 @@ if nginx -V 2>&1 | grep -q -- --without-http_grpc_module; then
     echo "setup-test-env: $(command -v nginx) lacks the grpc module" >&2; exit 1
 fi
 echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx)," \
+    "haproxy at $(command -v haproxy)," \
     "bazel at $(command -v bazel))"
