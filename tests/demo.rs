@@ -20,12 +20,7 @@ fn demo_shows_a_plain_read_failing_and_a_resumed_read_verified() {
         .lines()
         .find(|l| l.trim_start().starts_with("OK: 96 MiB"))
         .unwrap_or_else(|| panic!("no success line: {text}"));
-    let resumptions: u64 = ok
-        .split(" resumptions")
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no resumption count: {ok}"));
+    let resumptions = logged_resumptions(ok);
     // 96 MiB cut every 16 MiB at most: at least 5 resumptions.
     assert!(resumptions >= 5, "{ok}");
     assert!(ok.contains("digest verified"), "{ok}");

@@ -11,18 +11,6 @@ use support::*;
 
 const SIZE: u64 = 600 << 20;
 
-fn resumable_config(dir: &Path, port: u16) -> std::path::PathBuf {
-    let path = dir.join("resumable.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:{port}\n    instance_name: \"\"\n  max_attempts_without_progress: 10\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[test]
 fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     if !real_servers() {
@@ -36,33 +24,11 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     let digest = put_cli(&direct, &file);
     let digest = digest.as_str();
 
-    // Plain grpc through nginx: the stream is cut and the read fails. Only a
-    // read ending within 400 ms (next reload, then the shutdown timeout) can
-    // slip through; three tries to be cut, for a machine that fast.
-    let plain = grpc_config(dir.path(), "plain.yaml", nginx.port);
-    let out_plain = dir.path().join("plain.out");
-    let failed = (0..3).find_map(|_| {
-        let (out, _) = nginx.with_reloads(|| {
-            cli(&[
-                "get",
-                "--config",
-                plain.to_str().unwrap(),
-                digest,
-                "-o",
-                out_plain.to_str().unwrap(),
-            ])
-        });
-        if out.status.success() {
-            std::fs::remove_file(&out_plain).unwrap();
-            return None;
-        }
-        assert!(!out_plain.exists(), "a failed read left a file");
-        Some(String::from_utf8_lossy(&out.stderr).into_owned())
-    });
-    let err = failed.expect("plain read survived the reloads three times");
+    // Plain grpc through nginx: the stream is cut and the read fails.
     // Killed streams surface as UNAVAILABLE (GOAWAY), INTERNAL or UNKNOWN
     // (a broken h2 body), always naming the blob.
-    assert!(err.contains(digest), "{err}");
+    let plain = grpc_config(dir.path(), "plain.yaml", nginx.port);
+    plain_get_is_cut(&nginx, &plain, digest, &dir.path().join("plain.out"));
 
     // BuildGrid's own client fails the same way (three tries, as above).
     let out_bgd = dir.path().join("bgd.out");
@@ -73,36 +39,9 @@ fn reloading_nginx_kills_plain_reads_and_resumable_reads_survive() {
     assert!(bgd_failed, "bgd survived the reloads three times");
 
     // resumable_grpc through nginx: completes, verified, with logged resumptions.
-    let resumable = resumable_config(dir.path(), nginx.port);
+    let resumable = resumable_config(dir.path(), "resumable.yaml", nginx.port);
     let out_res = dir.path().join("resumable.out");
-    let (out, reloads) = nginx.with_reloads(|| {
-        std::process::Command::new(bin())
-            .args([
-                "get",
-                "-v",
-                "--config",
-                resumable.to_str().unwrap(),
-                digest,
-                "-o",
-                out_res.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    });
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "resumable read failed after {reloads} reloads: {log}"
-    );
-    assert!(files_equal(&file, &out_res));
-    let resumptions: u64 = log
-        .split(" resumptions")
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(resumptions > 0, "no resumption logged in: {log}");
-    eprintln!("resumable read: {reloads} reloads, {resumptions} resumptions");
+    resumable_get_survives(&nginx, &resumable, digest, &file, &out_res);
 
     // BuildGrid's own client, unmodified, gains the resumption through
     // `blob-access serve` whose tree is that same resumable_grpc node.

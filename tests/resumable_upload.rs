@@ -15,7 +15,7 @@
 mod support;
 
 use blob_access::chaos::{Faults, Kill, Proxy};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use support::*;
 
@@ -25,18 +25,6 @@ fn size() -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300u64);
     mib << 20
-}
-
-fn resumable_config(dir: &Path, name: &str, port: u16) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(
-        &path,
-        format!(
-            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:{port}\n    instance_name: \"\"\n  max_attempts_without_progress: 10\n"
-        ),
-    )
-    .unwrap();
-    path
 }
 
 fn put(config: &Path, file: &Path) -> std::process::Output {

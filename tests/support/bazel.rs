@@ -8,7 +8,7 @@
 //! `BLOB_ACCESS_BAZEL_BIG_MIB=N` shrinks the fixture's 200 MiB output for quick
 //! local runs.
 
-use super::{free_port, real_servers, root, script, BuildGrid};
+use super::{free_port, installed, real_servers, root, script, BuildGrid};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,13 +26,7 @@ pub fn real_bazel() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !have && std::env::var_os("BLOB_ACCESS_REAL_SERVERS").is_some() {
-        panic!("bazel missing: run scripts/setup-test-env.sh");
-    }
-    if !have {
-        eprintln!("skipping: bazel not installed (run scripts/setup-test-env.sh)");
-    }
-    have
+    installed("bazel", have)
 }
 
 /// BuildGrid with its ActionCache service as well as the CAS (see

@@ -1,4 +1,4 @@
-//! Real servers for end-to-end tests: BuildGrid and nginx through the scripts in
+//! Real servers for end-to-end tests: BuildGrid, nginx and HAProxy through the scripts in
 //! `scripts/` (installed by `scripts/setup-test-env.sh`), and `blob-access serve`
 //! as a child process. Each is stopped when its guard is dropped.
 #![allow(dead_code)]
@@ -25,11 +25,26 @@ pub fn bgd() -> PathBuf {
 /// a missing server is a failure.
 pub fn real_servers() -> bool {
     let have = bgd().exists() && Command::new("nginx").arg("-v").output().is_ok();
+    installed("BuildGrid/nginx", have)
+}
+
+/// Whether HAProxy is installed too, as [`real_servers`].
+pub fn real_haproxy() -> bool {
+    real_servers()
+        && installed(
+            "haproxy",
+            Command::new("haproxy").arg("-v").output().is_ok(),
+        )
+}
+
+/// `have`, after a panic if `what` is missing under BLOB_ACCESS_REAL_SERVERS=1,
+/// or a note that the test skips.
+pub fn installed(what: &str, have: bool) -> bool {
     if !have && std::env::var_os("BLOB_ACCESS_REAL_SERVERS").is_some() {
-        panic!("BuildGrid or nginx missing: run scripts/setup-test-env.sh");
+        panic!("{what} missing: run scripts/setup-test-env.sh");
     }
     if !have {
-        eprintln!("skipping: BuildGrid/nginx not installed (run scripts/test.sh)");
+        eprintln!("skipping: {what} not installed (run scripts/test.sh)");
     }
     have
 }
@@ -108,67 +123,89 @@ impl Drop for BuildGrid {
     }
 }
 
-/// nginx proxying gRPC to `upstream_port`, reloadable.
-pub struct Nginx {
+/// A gRPC reverse proxy (h2c both ways) to `upstream_port`, run by a script
+/// with the commands `start DIR PORT UPSTREAM_PORT`, `reload DIR` and `stop DIR`;
+/// stopped on drop. Made by [`Nginx`] or [`HaProxy`].
+pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    script: &'static str,
 }
 
+/// nginx (`scripts/nginx.sh`): a reload sends GOAWAY, and 200 ms later the
+/// old worker closes its connections.
+pub struct Nginx;
+
+/// HAProxy (`scripts/haproxy.sh`): a reload sends GOAWAY, and 300 ms later
+/// the old worker ends its streams without trailers and closes.
+pub struct HaProxy;
+
 impl Nginx {
-    pub fn start(upstream_port: u16) -> Nginx {
+    pub fn start(upstream_port: u16) -> Proxy {
         Self::start_with_requests_cap(upstream_port, None)
     }
     /// nginx that sends GOAWAY to a client after `cap` requests on a connection.
-    pub fn start_with_requests_cap(upstream_port: u16, cap: Option<u32>) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+    pub fn start_with_requests_cap(upstream_port: u16, cap: Option<u32>) -> Proxy {
         let cap = cap.map(|n| n.to_string());
         let env: Vec<(&str, &str)> = cap
             .iter()
             .map(|n| ("NGINX_KEEPALIVE_REQUESTS", n.as_str()))
             .collect();
+        Proxy::start("scripts/nginx.sh", upstream_port, &env)
+    }
+}
+
+impl HaProxy {
+    pub fn start(upstream_port: u16) -> Proxy {
+        Proxy::start("scripts/haproxy.sh", upstream_port, &[])
+    }
+}
+
+impl Proxy {
+    fn start(script: &'static str, upstream_port: u16, env: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
         script_env(
-            &env,
+            env,
             &[
-                "scripts/nginx.sh",
+                script,
                 "start",
                 dir.path().to_str().unwrap(),
                 &port.to_string(),
                 &upstream_port.to_string(),
             ],
         );
-        Nginx { dir, port }
+        Proxy { dir, port, script }
     }
+
     pub fn reload(&self) {
-        script(&[
-            "scripts/nginx.sh",
-            "reload",
-            self.dir.path().to_str().unwrap(),
-        ]);
+        script(&[self.script, "reload", self.dir.path().to_str().unwrap()]);
     }
-}
 
-/// One graceful reload of the nginx running from `dir`; whether it worked.
-fn reload_nginx(dir: &Path) -> bool {
-    Command::new("bash")
-        .arg("scripts/nginx.sh")
-        .arg("reload")
-        .arg(dir)
-        .current_dir(root())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+    /// A reloader for another thread: each call reloads once and says whether
+    /// it worked.
+    fn reloader(&self) -> impl FnMut() -> bool + Send + 'static {
+        let (script, dir) = (self.script, self.dir.path().to_path_buf());
+        move || {
+            Command::new("bash")
+                .arg(script)
+                .arg("reload")
+                .arg(&dir)
+                .current_dir(root())
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+    }
 
-impl Nginx {
-    /// Reloads nginx `n` times, `every` apart (the first after `every`),
-    /// while `f` runs; returns `f`'s result and the number of reloads.
+    /// Reloads `n` times, `every` apart (the first after `every`), while `f`
+    /// runs; returns `f`'s result and the number of reloads.
     pub fn with_n_reloads<T>(&self, n: u32, every: Duration, f: impl FnOnce() -> T) -> (T, u32) {
-        let dir = self.dir.path().to_path_buf();
+        let mut reload = self.reloader();
         let reloader = std::thread::spawn(move || {
             let mut done = 0;
             for _ in 0..n {
                 std::thread::sleep(every);
-                done += reload_nginx(&dir) as u32;
+                done += reload() as u32;
             }
             done
         });
@@ -176,18 +213,19 @@ impl Nginx {
         (out, reloader.join().unwrap())
     }
 
-    /// Reloads nginx every 200 ms while `f` runs; returns `f`'s result and
-    /// the number of reloads.
+    /// Reloads while `f` runs, 200 ms after each reload is done (nginx's is
+    /// at once, HAProxy's takes ~200 ms); returns `f`'s result and the number
+    /// of reloads.
     pub fn with_reloads<T>(&self, f: impl FnOnce() -> T) -> (T, u32) {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let dir = self.dir.path().to_path_buf();
+        let mut reload = self.reloader();
         let flag = stop.clone();
         let reloader = std::thread::spawn(move || {
             let mut n = 0;
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                n += reload_nginx(&dir) as u32;
+                n += reload() as u32;
             }
             n
         });
@@ -197,13 +235,156 @@ impl Nginx {
     }
 }
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        script(&[
-            "scripts/nginx.sh",
-            "stop",
-            self.dir.path().to_str().unwrap(),
-        ]);
+        script(&[self.script, "stop", self.dir.path().to_str().unwrap()]);
+    }
+}
+
+/// A config file `name` with a `resumable_grpc` node to `port` that gives up
+/// after 10 attempts in a row without progress.
+pub fn resumable_config(dir: &Path, name: &str, port: u16) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "resumable_grpc:\n  grpc:\n    endpoint: grpc://127.0.0.1:{port}\n    instance_name: \"\"\n  max_attempts_without_progress: 10\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `get` of `digest` with `config` (a plain `grpc` node through `proxy`)
+/// while the proxy reloads: the read is cut and fails, naming the blob and
+/// leaving no file; returns its error. Only a read ending between two cuts
+/// can slip through: three tries to be cut, for a machine that fast.
+pub fn plain_get_is_cut(proxy: &Proxy, config: &Path, digest: &str, out: &Path) -> String {
+    let failed = (0..3).find_map(|_| {
+        let (got, _) = proxy.with_reloads(|| {
+            cli(&[
+                "get".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                digest.as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+            ])
+        });
+        if got.status.success() {
+            std::fs::remove_file(out).unwrap();
+            return None;
+        }
+        assert!(!out.exists(), "a failed read left a file");
+        Some(String::from_utf8_lossy(&got.stderr).into_owned())
+    });
+    let err = failed.expect("plain read survived the reloads three times");
+    assert!(err.contains(digest), "{err}");
+    err
+}
+
+/// `get -v` of `digest` with `config` (a `resumable_grpc` node through
+/// `proxy`) while the proxy reloads: it completes with the bytes of `file`
+/// after at least one resumption. Returns its log.
+pub fn resumable_get_survives(
+    proxy: &Proxy,
+    config: &Path,
+    digest: &str,
+    file: &Path,
+    out: &Path,
+) -> String {
+    let (got, reloads) = proxy.with_reloads(|| {
+        Command::new(bin())
+            .args(["get", "-v", "--config"])
+            .arg(config)
+            .args([digest, "-o"])
+            .arg(out)
+            .output()
+            .unwrap()
+    });
+    let log = String::from_utf8_lossy(&got.stderr).into_owned();
+    assert!(
+        got.status.success(),
+        "resumable read failed after {reloads} reloads: {log}"
+    );
+    assert!(files_equal(file, out));
+    let resumptions = logged_resumptions(&log);
+    assert!(resumptions > 0, "no resumption logged in: {log}");
+    eprintln!("resumable read: {reloads} reloads, {resumptions} resumptions");
+    log
+}
+
+/// N in the "... N resumptions" of a transfer summary; 0 without one.
+pub fn logged_resumptions(summary: &str) -> u64 {
+    summary
+        .split(" resumptions")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` files of 1-9 KiB in `dir/src` and, last, `dir/directory`: the REAPI
+/// Directory listing them. `salt` starts every line: another salt, other blobs.
+pub fn small_files_and_listing(dir: &Path, n: usize, salt: &str) -> Vec<PathBuf> {
+    use blob_access::proto::{Directory, FileNode};
+    use prost::Message;
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let mut paths = Vec::new();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let data = format!("{salt}file {i}\n").repeat(100 + i * 1000 % 8000 / 8);
+        let path = src.join(format!("f{i:04}"));
+        std::fs::write(&path, &data).unwrap();
+        nodes.push(FileNode {
+            name: format!("f{i:04}"),
+            digest: Some(blob_access::Digest::of(data.as_bytes()).to_proto()),
+            ..Default::default()
+        });
+        paths.push(path);
+    }
+    let listing = dir.join("directory");
+    let directory = Directory {
+        files: nodes,
+        ..Default::default()
+    };
+    std::fs::write(&listing, directory.encode_to_vec()).unwrap();
+    paths.push(listing);
+    paths
+}
+
+/// With `config`: `put` of `paths` (from [`small_files_and_listing`]),
+/// `find-missing` of their digests, which finds none, and `fetch-tree` of the
+/// listing into `out`, which must hold every file whole.
+pub fn put_and_fetch_tree(config: &Path, paths: &[PathBuf], out: &Path) {
+    let config = config.to_str().unwrap();
+    let mut args = vec!["put", "-q", "--config", config];
+    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+    let got = cli(&args);
+    let stderr = String::from_utf8_lossy(&got.stderr);
+    assert!(got.status.success(), "put failed: {stderr}");
+    let digests = String::from_utf8(got.stdout).unwrap();
+    assert_eq!(digests.lines().count(), paths.len());
+    let root = digests.lines().last().unwrap();
+
+    let mut args = vec!["find-missing", "--config", config];
+    args.extend(digests.lines());
+    assert_eq!(cli_ok(&args), "", "every blob is stored");
+
+    let got = cli(&[
+        "fetch-tree",
+        "-q",
+        "--config",
+        config,
+        root,
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&got.stderr);
+    assert!(got.status.success(), "fetch-tree failed: {stderr}");
+    for p in &paths[..paths.len() - 1] {
+        let file = out.join(p.file_name().unwrap());
+        assert!(files_equal(p, &file), "{} differs", file.display());
     }
 }
 
