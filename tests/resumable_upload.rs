@@ -1,15 +1,15 @@
 //! Uploads that survive cuts, on real parts: `blob-access put` of a 300 MiB
 //! file (BLOB_ACCESS_UPLOAD_MIB to change) through `resumable_grpc` to
 //! BuildGrid, through a proxy killing connections after 300 ms and through
-//! nginx reloads, then a verified `get` of the same bytes.
+//! nginx and HAProxy reloads, then a verified `get` of the same bytes.
 //!
 //! BuildGrid keeps nothing of a cut upload and answers QueryWriteStatus with
 //! UNIMPLEMENTED, so each retry starts again at byte 0, reading the file
 //! again (the replay window holds only its last 16 MiB): this is the restart
 //! path on a real server (the fault server's tests cover going on at
 //! `committed_size`). An upload to BuildGrid takes 1.4 s or more, so no
-//! attempt would ever complete if every connection died: the proxy and nginx
-//! cut the first three, then let one through. The plain `grpc` node fails
+//! attempt would ever complete if every connection died: the proxy and the
+//! reloads cut the first three, then let one through. The plain `grpc` node fails
 //! on the first cut (the control).
 
 mod support;
@@ -103,16 +103,31 @@ fn uploads_through_reloading_nginx_start_again_and_arrive() {
     if !real_servers() {
         return;
     }
+    uploads_through_reloads(Nginx::start, 1);
+}
+
+/// HAProxy's old worker ends a cut upload with RST_STREAM REFUSED_STREAM,
+/// although the server has had its bytes: retried all the same.
+#[test]
+fn uploads_through_reloading_haproxy_start_again_and_arrive() {
+    if !real_haproxy() {
+        return;
+    }
+    uploads_through_reloads(HaProxy::start, 2);
+}
+
+/// Three reloads of the proxy `start` makes, 300 ms apart, each closing the
+/// upload's connection a moment later (nginx 200 ms, HAProxy 300 ms); then
+/// one attempt goes through. The file is `extra` bytes longer than the
+/// other tests' (BuildGrid answers at once for a stored blob).
+fn uploads_through_reloads(start: fn(u16) -> support::Proxy, extra: u64) {
     let bg = BuildGrid::start();
-    let nginx = Nginx::start(bg.port);
+    let proxy = start(bg.port);
     let dir = tempfile::tempdir().unwrap();
-    // Not the other test's file: BuildGrid answers at once for a stored blob.
-    let file = random_file(dir.path(), size() + 1);
-    let resumable = resumable_config(dir.path(), "resumable.yaml", nginx.port);
-    // Three reloads, 300 ms apart, each closing the upload's connection
-    // 200 ms later (worker_shutdown_timeout); then one attempt goes through.
+    let file = random_file(dir.path(), size() + extra);
+    let resumable = resumable_config(dir.path(), "resumable.yaml", proxy.port);
     let (out, reloads) =
-        nginx.with_n_reloads(3, Duration::from_millis(300), || put(&resumable, &file));
+        proxy.with_n_reloads(3, Duration::from_millis(300), || put(&resumable, &file));
     let restarts = assert_stored(&out, &bg, dir.path(), &file);
-    eprintln!("through nginx: {reloads} reloads, {restarts} restarts");
+    eprintln!("through the reloading proxy: {reloads} reloads, {restarts} restarts");
 }
