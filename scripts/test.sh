@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it, on a fresh machine: installs what the
-# end-to-end tests need (nginx from Debian, BuildGrid in a venv under target/),
-# then runs lints and every test. The end-to-end tests start and stop their own
-# BuildGrid and nginx on free loopback ports through scripts/buildgrid.sh and
-# scripts/nginx.sh.
+# end-to-end tests need (nginx and HAProxy from Debian, BuildGrid in a venv under
+# target/), then runs lints and every test. The end-to-end tests start and stop
+# their own BuildGrid, nginx and HAProxy on free loopback ports through
+# scripts/buildgrid.sh, scripts/nginx.sh and scripts/haproxy.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
