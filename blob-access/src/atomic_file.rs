@@ -3,7 +3,8 @@
 //! Downloads are written into an unnamed file in the target's directory
 //! (`O_TMPFILE`) and linked into place when complete: a download that fails,
 //! or a process killed half-way, leaves nothing behind, not even a temp file
-//! of many GiB. Where the filesystem has no unnamed files (or there is no
+//! of many GiB (but for the instant an existing target is replaced: linked
+//! beside it, then renamed over it). Where the filesystem has no unnamed files (or there is no
 //! `/proc` to name one by), a named temp file beside the target is renamed
 //! instead, and deleted on failure.
 //!
@@ -21,8 +22,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// See the module documentation.
 pub struct AtomicFile {
@@ -35,7 +37,13 @@ impl AtomicFile {
     /// A new empty file in `target`'s directory, created with `mode` less the
     /// umask, as a plain file would be. Nothing appears at `target` yet.
     pub fn create_beside(target: &Path, mode: u32) -> io::Result<AtomicFile> {
-        Self::create(target, mode, true)
+        Self::create(target, mode & !umask(), UNNAMED)
+    }
+
+    /// [`AtomicFile::create_beside`], with exactly `mode`, whatever the umask
+    /// (say a tree's 0755 executables).
+    pub fn create_beside_with_mode(target: &Path, mode: u32) -> io::Result<AtomicFile> {
+        Self::create(target, mode, UNNAMED)
     }
 
     fn create(target: &Path, mode: u32, try_unnamed: bool) -> io::Result<AtomicFile> {
@@ -43,27 +51,29 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let unnamed = try_unnamed.then(|| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(mode)
-                .open(dir)
-        });
-        // Without O_TMPFILE on this filesystem (EOPNOTSUPP; EISDIR or EINVAL
-        // from old kernels) a named temp file does; other errors (no such
-        // directory, no permission) fail that too, and it says so.
-        if let Some(Ok(file)) = unnamed {
-            if Path::new("/proc/self/fd").is_dir() {
-                return Ok(AtomicFile { file, named: None });
+        let exact = |file: &File| file.set_permissions(std::fs::Permissions::from_mode(mode));
+        if try_unnamed && proc_fd_links() {
+            match open_unnamed(dir) {
+                // The mode is set here, not by open: kernels before 6.x left
+                // the umask out of O_TMPFILE files on some filesystems.
+                Ok(file) => {
+                    exact(&file)?;
+                    return Ok(AtomicFile { file, named: None });
+                }
+                // No O_TMPFILE on this filesystem (EOPNOTSUPP; EISDIR or
+                // EINVAL from old kernels): a named temp file does.
+                Err(e) if unsupported(&e) => {}
+                // No such directory, no permission: said as it is.
+                Err(e) => return Err(e),
             }
         }
         let (file, path) = tempfile::Builder::new()
             .prefix(".blob-access-")
             .suffix(".tmp")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .permissions(std::fs::Permissions::from_mode(0o600))
             .tempfile_in(dir)?
             .into_parts();
+        exact(&file)?;
         Ok(AtomicFile {
             file,
             named: Some(path),
@@ -94,6 +104,58 @@ impl AtomicFile {
             linked => linked,
         }
     }
+}
+
+/// Whether unnamed files are tried at all: O_TMPFILE is Linux's.
+const UNNAMED: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn open_unnamed(dir: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn open_unnamed(_dir: &Path) -> io::Result<File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+        )
+}
+
+/// Whether an unnamed file can be named through `/proc/self/fd` (looked up
+/// once).
+fn proc_fd_links() -> bool {
+    static THERE: OnceLock<bool> = OnceLock::new();
+    *THERE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
+/// The process's umask, read once (from /proc where the kernel shows it, so
+/// that it is never changed, even for an instant).
+fn umask() -> u32 {
+    static UMASK: OnceLock<u32> = OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let shown = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        shown.unwrap_or_else(|| {
+            // SAFETY: umask only swaps the process's mask; the stricter 077
+            // is in place only between the two calls.
+            let old = unsafe { libc::umask(0o077) };
+            unsafe { libc::umask(old) };
+            old as u32
+        })
+    })
 }
 
 /// Names the unnamed (`O_TMPFILE`) `file` `target`; fails if `target` exists.
@@ -139,7 +201,6 @@ fn temp_name_beside(target: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
 
     fn entries(dir: &Path) -> Vec<String> {
         let mut names: Vec<_> = std::fs::read_dir(dir)
@@ -200,5 +261,38 @@ mod tests {
             .err()
             .expect("no directory to create it in");
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        // The directory's error, not one of a temp file that never was.
+        assert!(!err.to_string().contains(".blob-access-"), "{err}");
+    }
+
+    #[test]
+    fn modes_less_the_umask_or_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode_of = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for unnamed in [true, false] {
+            let plain = dir.path().join(format!("plain-{unnamed}"));
+            AtomicFile::create(&plain, 0o666 & !umask(), unnamed)
+                .and_then(|f| f.persist(&plain))
+                .unwrap();
+            assert_eq!(mode_of(&plain), 0o666 & !umask());
+            let exe = dir.path().join(format!("exe-{unnamed}"));
+            AtomicFile::create(&exe, 0o755, unnamed)
+                .and_then(|f| f.persist(&exe))
+                .unwrap();
+            assert_eq!(mode_of(&exe), 0o755);
+        }
+        let via_api = dir.path().join("api");
+        AtomicFile::create_beside(&via_api, 0o640)
+            .and_then(|f| f.persist(&via_api))
+            .unwrap();
+        assert_eq!(mode_of(&via_api), 0o640 & !umask());
+    }
+
+    #[test]
+    fn the_umask_read_is_the_process_s() {
+        // SAFETY: set and restored at once; only this test reads it.
+        let old = unsafe { libc::umask(0o022) };
+        unsafe { libc::umask(old) };
+        assert_eq!(umask(), old as u32);
     }
 }

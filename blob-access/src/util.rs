@@ -90,18 +90,20 @@ pub async fn write_to_file(
     path: &Path,
     progress: impl FnMut(u64) + Send,
 ) -> Result<()> {
-    write_to_file_with(ba, digest, path, true, progress).await
+    write_to_file_with(ba, digest, path, true, None, progress).await
 }
 
-/// [`write_to_file`], with the fsync before naming the file only if `fsync`:
-/// readers still see either nothing new or the whole blob, but a crash may
-/// leave an empty file. For callers that write many files and sync the
-/// filesystem once at the end.
+/// [`write_to_file`], with the fsync before naming the file only if `fsync`
+/// (readers still see either nothing new or the whole blob, but a crash may
+/// leave an empty file: for callers that write many files and sync the
+/// filesystem once at the end), and with exactly `mode` if given (0666 less
+/// the umask otherwise), set before the file has its name.
 pub async fn write_to_file_with(
     ba: &dyn BlobAccess,
     digest: &Digest,
     path: &Path,
     fsync: bool,
+    mode: Option<u32>,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<()> {
     let io = |what: &str, e| Error::io(format_args!("{what} {}", path.display()), e);
@@ -115,10 +117,16 @@ pub async fn write_to_file_with(
         return Err(is_dir());
     }
     let target = path.to_path_buf();
-    // Created with 0666 less the umask, as a plain file would be (not 0600).
-    let mut new = blocking(move || crate::atomic_file::AtomicFile::create_beside(&target, 0o666))
-        .await
-        .map_err(|e| io("creating a file beside", e))?;
+    let mut new = blocking(move || {
+        use crate::atomic_file::AtomicFile;
+        match mode {
+            Some(mode) => AtomicFile::create_beside_with_mode(&target, mode),
+            // As a plain file would be (not 0600).
+            None => AtomicFile::create_beside(&target, 0o666),
+        }
+    })
+    .await
+    .map_err(|e| io("creating a file beside", e))?;
     let mut file = tokio::fs::File::from_std(new.file().try_clone().map_err(|e| io("opening", e))?);
     let mut s = ba.get(digest, ReadRange::FULL);
     // On any error `new` is dropped, and with it what was written.

@@ -208,11 +208,10 @@ fn write_file(
     fsync: bool,
 ) -> std::io::Result<()> {
     use std::io::Write;
-    let mut new = AtomicFile::create_beside(to, 0o600)?;
+    // Exactly the tree's mode, whatever the umask.
+    let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
     let f = new.file();
     f.write_all(data)?;
-    // Exactly the tree's mode, whatever the umask.
-    f.set_permissions(mode)?;
     if fsync {
         f.sync_all()?;
     }
@@ -226,10 +225,9 @@ fn copy_file(
     mode: std::fs::Permissions,
     fsync: bool,
 ) -> std::io::Result<()> {
-    let mut new = AtomicFile::create_beside(to, 0o600)?;
+    let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
     let f = new.file();
     std::io::copy(&mut std::fs::File::open(from)?, f)?;
-    f.set_permissions(mode)?;
     if fsync {
         f.sync_all()?;
     }
@@ -300,12 +298,10 @@ async fn fetch_large(
 ) -> Result<(), String> {
     let first = files[0];
     let first_path = out.join(&first.path);
-    util::write_to_file_with(cas, &first.digest, &first_path, fsync, |n| bar.inc(n))
+    let mode = Some(first.mode().mode());
+    util::write_to_file_with(cas, &first.digest, &first_path, fsync, mode, |n| bar.inc(n))
         .await
         .map_err(|e| first.error(e))?;
-    tokio::fs::set_permissions(&first_path, first.mode())
-        .await
-        .map_err(|e| first.error(format_args!("setting its mode: {e}")))?;
     for f in &files[1..] {
         let (to, mode, from) = (out.join(&f.path), f.mode(), first_path.clone());
         blocking(move || copy_file(&from, &to, mode, fsync).map_err(|e| e.to_string()))
