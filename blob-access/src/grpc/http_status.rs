@@ -32,8 +32,9 @@ pub fn code_for_http_status(status: http::StatusCode) -> Code {
 }
 
 /// A gRPC channel (or any HTTP service) whose non-200 responses without a
-/// `grpc-status` become trailers-only responses with the mapped status,
-/// marked [`Synthesized`]. Every other response passes through untouched.
+/// `grpc-status`, and 200s whose content-type is not gRPC, become
+/// trailers-only responses with the mapped status, marked [`Synthesized`].
+/// Every other response passes through untouched.
 #[derive(Clone, Debug)]
 pub struct HttpStatusChannel<S> {
     inner: S,
@@ -70,7 +71,14 @@ where
 /// endpoint names a web server, or a proxy answers for the server).
 fn not_grpc_content(response: &http::Response<impl Sized>) -> Option<String> {
     let ct = response.headers().get(http::header::CONTENT_TYPE)?;
-    if ct.as_bytes().starts_with(b"application/grpc") {
+    // `application/grpc`, `application/grpc+proto`, `...; charset=...`, in
+    // any case (media types are case-insensitive); not `application/grpc-web`.
+    let bytes = ct.as_bytes();
+    let grpc = b"application/grpc";
+    let is_grpc = bytes.len() >= grpc.len()
+        && bytes[..grpc.len()].eq_ignore_ascii_case(grpc)
+        && matches!(bytes.get(grpc.len()), None | Some(b'+' | b';' | b' '));
+    if is_grpc {
         return None;
     }
     // Printable ASCII without `%`: no percent-encoding needed in a grpc-message.
@@ -195,6 +203,10 @@ mod tests {
                 .status(200)
                 .header("content-type", "application/grpc+proto")
                 .body("frames".to_string()),
+            http::Response::builder()
+                .status(200)
+                .header("content-type", "Application/GRPC")
+                .body("frames".to_string()),
             // No content-type at all: tonic decides.
             http::Response::builder()
                 .status(200)
@@ -209,6 +221,24 @@ mod tests {
             assert_eq!(res.body(), &body);
             assert_eq!(res.headers().get("grpc-status"), grpc_status.as_ref());
             assert!(res.extensions().get::<Synthesized>().is_none());
+        }
+    }
+
+    #[test]
+    fn content_types_that_are_not_grpc() {
+        for ct in [
+            "text/html",
+            "application/grpc-web",
+            "application/grpcfoo",
+            "application/json",
+        ] {
+            let page = http::Response::builder()
+                .status(200)
+                .header("content-type", ct)
+                .body(String::new())
+                .unwrap();
+            let (_, status) = seen(page);
+            assert_eq!(status.map(|s| s.code()), Some(Code::Unknown), "{ct}");
         }
     }
 
