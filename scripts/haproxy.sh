@@ -18,7 +18,9 @@ set -euo pipefail
 
 usage() { echo "usage: $0 start DIR PORT UPSTREAM_PORT | reload DIR | stop DIR" >&2; exit 2; }
 
-master_pid() { [ -s "$1/haproxy.pid" ] && cat "$1/haproxy.pid"; }
+# The master's pid, as start saw it: it keeps it across reloads, while HAProxy rewrites its own
+# pid file on each (so that file is briefly missing, and a stop reading it then would miss).
+master_pid() { [ -s "$1/master.pid" ] && cat "$1/master.pid"; }
 
 # True while PID runs. kill -0 alone also succeeds for a zombie, and these daemons are reparented
 # to PID 1, which in containers may reap them late; so look at the state in /proc too.
@@ -33,14 +35,17 @@ stop() {
         # setsid made the master a process-group leader: its workers go too.
         if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
     fi
-    rm -f "$1/haproxy.pid"
+    rm -f "$1/master.pid" "$1/haproxy.pid"
 }
 
 # How many reloads the master reported as done, or as failed.
 count() { grep -c "^\[.*\] *([0-9]*) : Loading $2" "$1/haproxy.log" || true; }
 
 [ $# -ge 2 ] || usage
-cmd=$1; DIR=$(mkdir -p "$2" && cd "$2" && pwd)
+cmd=$1
+# Only start makes DIR: a reload or stop after the test removed it must not make it again.
+if [ "$cmd" = start ]; then mkdir -p "$2"; fi
+DIR=$(cd "$2" 2>/dev/null && pwd) || { echo "haproxy: no directory $2" >&2; exit 1; }
 case $cmd in
 start)
     [ $# -eq 4 ] || usage
@@ -81,6 +86,7 @@ CONF
     setsid haproxy -W -f "$DIR/haproxy.cfg" -p "$DIR/haproxy.pid" \
         </dev/null >>"$DIR/haproxy.log" 2>&1 &
     pid=$!
+    echo "$pid" > "$DIR/master.pid"
     for _ in $(seq 100); do
         alive "$pid" || break
         if [ "$(count "$DIR" success)" -gt 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then

@@ -110,7 +110,7 @@ fn uploads_through_reloading_nginx_start_again_and_arrive() {
 /// although the server has had its bytes: retried all the same.
 #[test]
 fn uploads_through_reloading_haproxy_start_again_and_arrive() {
-    if !real_haproxy() {
+    if !(real_servers() && real_haproxy()) {
         return;
     }
     uploads_through_reloads(HaProxy::start, 2);

@@ -6,6 +6,8 @@ pub mod bazel;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub fn root() -> PathBuf {
@@ -28,13 +30,12 @@ pub fn real_servers() -> bool {
     installed("BuildGrid/nginx", have)
 }
 
-/// Whether HAProxy is installed too, as [`real_servers`].
+/// Whether HAProxy is installed, as [`real_servers`].
 pub fn real_haproxy() -> bool {
-    real_servers()
-        && installed(
-            "haproxy",
-            Command::new("haproxy").arg("-v").output().is_ok(),
-        )
+    installed(
+        "haproxy",
+        Command::new("haproxy").arg("-v").output().is_ok(),
+    )
 }
 
 /// `have`, after a panic if `what` is missing under BLOB_ACCESS_REAL_SERVERS=1,
@@ -200,38 +201,58 @@ impl Proxy {
     /// Reloads `n` times, `every` apart (the first after `every`), while `f`
     /// runs; returns `f`'s result and the number of reloads.
     pub fn with_n_reloads<T>(&self, n: u32, every: Duration, f: impl FnOnce() -> T) -> (T, u32) {
-        let mut reload = self.reloader();
-        let reloader = std::thread::spawn(move || {
-            let mut done = 0;
-            for _ in 0..n {
-                std::thread::sleep(every);
-                done += reload() as u32;
-            }
-            done
-        });
-        let out = f();
-        (out, reloader.join().unwrap())
+        self.reloading(Some(n), every, f)
     }
 
     /// Reloads while `f` runs, 200 ms after each reload is done (nginx's is
     /// at once, HAProxy's takes ~200 ms); returns `f`'s result and the number
     /// of reloads.
     pub fn with_reloads<T>(&self, f: impl FnOnce() -> T) -> (T, u32) {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        self.reloading(None, Duration::from_millis(200), f)
+    }
+
+    fn reloading<T>(&self, n: Option<u32>, every: Duration, f: impl FnOnce() -> T) -> (T, u32) {
         let mut reload = self.reloader();
+        let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let reloader = std::thread::spawn(move || {
-            let mut n = 0;
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
-                n += reload() as u32;
+        let thread = std::thread::spawn(move || {
+            let mut done = 0;
+            for _ in 0..n.unwrap_or(u32::MAX) {
+                std::thread::sleep(every);
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                done += reload() as u32;
             }
-            n
+            done
         });
+        // Stopped and joined even when `f` panics, before the proxy is
+        // stopped: a reload racing the stop could leave a proxy running.
+        let mut reloads = Reloads {
+            stop,
+            thread: Some(thread),
+        };
         let out = f();
-        stop.store(true, Ordering::Relaxed);
-        (out, reloader.join().unwrap())
+        if n.is_none() {
+            reloads.stop.store(true, Ordering::Relaxed);
+        }
+        let done = reloads.thread.take().expect("joined once").join().unwrap();
+        (out, done)
+    }
+}
+
+/// The thread reloading a proxy, stopped and joined when dropped.
+struct Reloads {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl Drop for Reloads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
