@@ -21,12 +21,17 @@ pub(super) struct Target {
 pub(super) fn parse_endpoint(text: &str) -> Result<Target, String> {
     let bad = |why: &str| format!("{text:?} {why}");
     let (uri, tls, unix) = if let Some(rest) = text.strip_prefix("grpc://") {
+        check_host_port(rest).map_err(&bad)?;
         (format!("http://{rest}"), false, None)
     } else if let Some(rest) = text.strip_prefix("grpcs://") {
+        check_host_port(rest).map_err(&bad)?;
         (format!("https://{rest}"), true, None)
     } else if let Some(path) = text.strip_prefix("unix:") {
         if path.is_empty() {
             return Err(bad("has no socket path"));
+        }
+        if path.chars().any(|c| c.is_ascii_control()) {
+            return Err(bad("has a control character in its socket path"));
         }
         (
             "http://localhost".to_string(),
@@ -45,6 +50,33 @@ pub(super) fn parse_endpoint(text: &str) -> Result<Target, String> {
         tls,
         unix,
     })
+}
+
+/// `host:port` with an optional trailing `/`, and nothing else (no user,
+/// path, query or fragment: the channel would drop or misuse them). The host
+/// is a name or address of `[A-Za-z0-9._~-]`, or an IPv6 address in brackets;
+/// the port is 1 to 65535. The JSON Schema's pattern says the same.
+fn check_host_port(rest: &str) -> Result<(), &'static str> {
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = authority.rsplit_once(':').ok_or("has no port")?;
+    let name = |c: char| c.is_ascii_alphanumeric() || "._~-".contains(c);
+    let ipv6 = |c: char| c.is_ascii_hexdigit() || ":.".contains(c);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => !v6.is_empty() && v6.chars().all(ipv6),
+        None => !host.is_empty() && host.chars().all(name),
+    };
+    if !host_ok {
+        return Err("is not grpc://host:port (a host name or address, [IPv6] in brackets; no user, path or query)");
+    }
+    let port_ok = !port.is_empty()
+        && !port.starts_with('0')
+        && port.len() <= 5
+        && port.chars().all(|c| c.is_ascii_digit())
+        && (1..=65535).contains(&port.parse::<u32>().unwrap_or(0));
+    if !port_ok {
+        return Err("has no port from 1 to 65535");
+    }
+    Ok(())
 }
 
 pub(super) fn header_name(name: &str) -> Result<AsciiMetadataKey, String> {

@@ -14,7 +14,9 @@ pub struct GrpcConfig {
     /// `grpc://host:port` (plain HTTP/2), `grpcs://host:port` (TLS with the system's roots,
     /// plus `ca_file` if set) or `unix:/path/to/socket`.
     #[serde(deserialize_with = "super::checks::deserialize_endpoint")]
-    #[schemars(regex(pattern = r"^(grpcs?://[^/?#\s]+:[0-9]{1,5}/?|unix:.+)$"))]
+    #[schemars(regex(
+        pattern = r"^(grpcs?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?|unix:[^\x00-\x1f\x7f]+)$"
+    ))]
     pub endpoint: String,
     /// REAPI instance name; may be empty or contain slashes.
     #[serde(default)]
