@@ -7,13 +7,10 @@
 #   scripts/buildgrid.sh stop DIR
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$ROOT/scripts/daemon-lib.sh"
 BGD=$ROOT/target/venv/bin/bgd
 
 usage() { echo "usage: $0 start DIR PORT [action-cache] | stop DIR" >&2; exit 2; }
-
-# True while PID runs. kill -0 alone also succeeds for a zombie, and these daemons are reparented
-# to PID 1, which in containers may reap them late; so look at the state in /proc too.
-alive() { kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 
 stop() {
     local pidfile=$1/bgd.pid pid

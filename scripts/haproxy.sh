@@ -15,6 +15,7 @@
 # instead, though its bytes went to the server. timeout client/server do not cut a stream that moves data: they are
 # inactivity timers (a 256 MiB read lasting 1.3 s passed with both at 200 ms).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
 
 usage() { echo "usage: $0 start DIR PORT UPSTREAM_PORT | reload DIR | stop DIR" >&2; exit 2; }
 
@@ -22,19 +23,10 @@ usage() { echo "usage: $0 start DIR PORT UPSTREAM_PORT | reload DIR | stop DIR" 
 # pid file on each (so that file is briefly missing, and a stop reading it then would miss).
 master_pid() { [ -s "$1/master.pid" ] && cat "$1/master.pid"; }
 
-# True while PID runs. kill -0 alone also succeeds for a zombie, and these daemons are reparented
-# to PID 1, which in containers may reap them late; so look at the state in /proc too.
-alive() { kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-
 stop() {
     local pid
     pid=$(master_pid "$1") || return 0
-    if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true   # hard stop of the master and its workers
-        for _ in $(seq 100); do alive "$pid" || break; sleep 0.1; done
-        # setsid made the master a process-group leader: its workers go too.
-        if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-    fi
+    stop_master "$pid"
     rm -f "$1/master.pid" "$1/haproxy.pid"
 }
 

@@ -6,25 +6,16 @@
 #   scripts/nginx.sh stop DIR
 # Everything (config, pid, logs, temp files) lives in DIR.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
 
 usage() { echo "usage: $0 start DIR PORT UPSTREAM_PORT | reload DIR | stop DIR" >&2; exit 2; }
 
 master_pid() { [ -s "$1/nginx.pid" ] && cat "$1/nginx.pid"; }
 
-# True while PID runs. kill -0 alone also succeeds for a zombie, and these daemons are reparented
-# to PID 1, which in containers may reap them late; so look at the state in /proc too.
-alive() { kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-
 stop() {
     local pid
     pid=$(master_pid "$1") || return 0
-    if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true   # fast shutdown: drops open streams
-        for _ in $(seq 100); do alive "$pid" || break; sleep 0.1; done
-        # Still up: kill the whole process group (nginx's master setsid()s when daemonizing), or
-        # orphaned workers would keep serving the port.
-        if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-    fi
+    stop_master "$pid"
     rm -f "$1/nginx.pid"
 }
 
