@@ -12,8 +12,8 @@
 # lets streams in flight go on; hard-stop-after then ends each of them with an empty DATA frame
 # with END_STREAM, without trailers or RST_STREAM (a clean-looking but truncated stream), and
 # the connection closes. An upload still waiting for its response gets RST_STREAM REFUSED_STREAM
-# instead, though its bytes went to the server. timeout client/server do not cut a stream that moves data: they are
-# inactivity timers (a 256 MiB read lasting 1.3 s passed with both at 200 ms).
+# instead, though its bytes went to the server. timeout client/server do not cut a stream that
+# moves data: they are inactivity timers (a 256 MiB read lasting 1.3 s passed with both at 200 ms).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
 
