@@ -200,7 +200,23 @@ const SMALL_FILE: u64 = 1 << 20;
 /// memory.
 const SMALL_JOBS: usize = 256;
 
-/// Writes `data` to `to` atomically ([`AtomicFile`]), with `mode`.
+/// Makes `to` atomically ([`AtomicFile`]) with exactly the tree's `mode`,
+/// whatever the umask, its bytes written by `fill`.
+fn place(
+    to: &Path,
+    mode: std::fs::Permissions,
+    fsync: bool,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
+    fill(new.file())?;
+    if fsync {
+        new.file().sync_all()?;
+    }
+    new.persist(to)
+}
+
+/// Writes `data` to `to` atomically, with `mode`.
 fn write_file(
     to: &Path,
     data: &[u8],
@@ -208,14 +224,7 @@ fn write_file(
     fsync: bool,
 ) -> std::io::Result<()> {
     use std::io::Write;
-    // Exactly the tree's mode, whatever the umask.
-    let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
-    let f = new.file();
-    f.write_all(data)?;
-    if fsync {
-        f.sync_all()?;
-    }
-    new.persist(to)
+    place(to, mode, fsync, |f| f.write_all(data))
 }
 
 /// Copies a fetched file to `to` atomically, with `mode`.
@@ -225,13 +234,9 @@ fn copy_file(
     mode: std::fs::Permissions,
     fsync: bool,
 ) -> std::io::Result<()> {
-    let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
-    let f = new.file();
-    std::io::copy(&mut std::fs::File::open(from)?, f)?;
-    if fsync {
-        f.sync_all()?;
-    }
-    new.persist(to)
+    place(to, mode, fsync, |f| {
+        std::io::copy(&mut std::fs::File::open(from)?, f).map(drop)
+    })
 }
 
 /// Runs blocking file work off the async threads.
