@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 pub mod bazel;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -282,16 +283,7 @@ pub fn resumable_config(dir: &Path, name: &str, port: u16) -> PathBuf {
 /// can slip through: three tries to be cut, for a machine that fast.
 pub fn plain_get_is_cut(proxy: &Proxy, config: &Path, digest: &str, out: &Path) -> String {
     let failed = (0..3).find_map(|_| {
-        let (got, _) = proxy.with_reloads(|| {
-            cli(&[
-                "get".as_ref(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                digest.as_ref(),
-                "-o".as_ref(),
-                out.as_os_str(),
-            ])
-        });
+        let (got, _) = proxy.with_reloads(|| cli(&get_args(config, digest, out)));
         if got.status.success() {
             std::fs::remove_file(out).unwrap();
             return None;
@@ -609,16 +601,21 @@ pub fn put_cli(config: &Path, file: &Path) -> String {
     out.trim().to_string()
 }
 
-/// `get --config config digest -o out`, which must succeed.
-pub fn get_cli(config: &Path, digest: &str, out: &Path) {
-    cli_ok(&[
+/// The arguments of `get --config config digest -o out`.
+pub fn get_args<'a>(config: &'a Path, digest: &'a str, out: &'a Path) -> [&'a OsStr; 6] {
+    [
         "get".as_ref(),
         "--config".as_ref(),
         config.as_os_str(),
         digest.as_ref(),
         "-o".as_ref(),
         out.as_os_str(),
-    ]);
+    ]
+}
+
+/// `get --config config digest -o out`, which must succeed.
+pub fn get_cli(config: &Path, digest: &str, out: &Path) {
+    cli_ok(&get_args(config, digest, out));
 }
 
 pub fn files_equal(a: &Path, b: &Path) -> bool {
