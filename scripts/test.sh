@@ -29,3 +29,8 @@ CARGO_TARGET_DIR="$package_target" cargo package --workspace --locked --allow-di
 rm -rf "$package_target"
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+# A test that replaced /dev/null with a file (as `get -o /dev/null` once did) would break
+# everything after it on this machine: it must still be the character device 1:3.
+echo "== /dev/null is still a character device"
+[ -c /dev/null ] && [ "$(stat -c %t:%T /dev/null)" = 1:3 ] ||
+    { echo "/dev/null was replaced: $(ls -l /dev/null)" >&2; exit 1; }

@@ -373,6 +373,87 @@ fn a_symlink_left_in_outdir_is_not_followed() {
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
 
+/// What OUTDIR holds where the tree has a file or a symlink: a regular file
+/// or a symlink is replaced (the link itself, never what it points to, even
+/// out of OUTDIR); a FIFO, a device or a socket is an error naming it, left
+/// as it was. OUTDIR itself may be a symlink to a directory.
+#[test]
+fn what_outdir_holds_at_a_tree_s_paths_is_replaced_or_refused_by_kind() {
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cas = Cas::start(tmp.path());
+    let outside = tmp.path().join("outside");
+    std::fs::write(&outside, b"not the tree's").unwrap();
+    let data = cas.put(&b"data"[..]);
+    let large = cas.put(vec![3u8; 3 << 20]);
+    let tree = |name: &str| {
+        cas.put_dir(&Directory {
+            files: vec![file(name, &data, false), file("large", &large, false)],
+            symlinks: vec![symlink("link", "f")],
+            ..Default::default()
+        })
+    };
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let out = tmp.path().join("out");
+    std::os::unix::fs::symlink(&real, &out).unwrap();
+    // Symlinks out of OUTDIR where the tree has files and a symlink.
+    for name in ["f", "large", "link"] {
+        std::os::unix::fs::symlink(&outside, real.join(name)).unwrap();
+    }
+    let o = cas.fetch(&tree("f"), &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(real.join("f")).unwrap(), b"data");
+    assert_eq!(std::fs::read(real.join("large")).unwrap().len(), 3 << 20);
+    assert_eq!(
+        std::fs::read_link(real.join("link")).unwrap(),
+        Path::new("f")
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not the tree's");
+    assert!(std::fs::symlink_metadata(&out)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A FIFO, a socket, a directory where the tree has a file, small or large.
+    let fifo = real.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(real.join("sock")).unwrap();
+    std::fs::create_dir(real.join("dir")).unwrap();
+    for (name, says) in [
+        ("fifo", "a FIFO"),
+        ("sock", "a socket"),
+        ("dir", "a directory"),
+    ] {
+        let o = cas.fetch(&tree(name), &out);
+        assert!(!o.status.success(), "{name} was replaced");
+        assert!(
+            stderr(&o).contains(name) && stderr(&o).contains(says),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // A large file (streamed, not written in a group) at the FIFO too.
+    let large_at_fifo = cas.put_dir(&Directory {
+        files: vec![file("fifo", &large, false)],
+        ..Default::default()
+    });
+    let o = cas.fetch(&large_at_fifo, &out);
+    assert!(stderr(&o).contains("a FIFO"), "{}", stderr(&o));
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(real.join("sock"))
+        .unwrap()
+        .file_type()
+        .is_socket());
+    assert!(real.join("dir").is_dir());
+    assert_no_temp_files(&real);
+}
+
 #[test]
 fn quiet_prints_nothing_and_jobs_must_be_positive() {
     let tmp = tempfile::tempdir().unwrap();

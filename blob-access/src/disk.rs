@@ -2,7 +2,8 @@
 //!
 //! One file per blob, at `objects/sha256/ab/<hash>-<size>`. A blob is written
 //! to `tmp/`, verified, fsynced and renamed into place, so a crash never leaves
-//! a partial blob visible; leftovers in `tmp/` are removed on open. The index
+//! a partial blob visible; leftovers in `tmp/` are removed on open (only the
+//! store's own temp files: other files in the directory are never touched). The index
 //! (digest, size, recency) lives in memory and is rebuilt on open by listing
 //! `objects/`, oldest modification time first; reads touch a file's
 //! modification time so that recency survives restarts. Beyond
@@ -165,11 +166,8 @@ impl DiskBlobAccess {
             Error::io(format_args!("{what} {}", path.display()), e).with_backend(name.clone())
         };
         let tmp = root.join("tmp");
-        // Leftovers of writes cut by a crash: never renamed, so never visible.
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| at("removing", &tmp, e))?;
-        }
         std::fs::create_dir_all(&tmp).map_err(|e| at("creating", &tmp, e))?;
+        remove_temp_files(&tmp).map_err(|e| at("cleaning", &tmp, e))?;
         let objects = root.join("objects");
         std::fs::create_dir_all(&objects).map_err(|e| at("creating", &objects, e))?;
 
@@ -260,8 +258,8 @@ impl Inner {
         mut data: impl FnMut() -> Option<Result<bytes::Bytes>>,
     ) -> Result<()> {
         let io = |what: &str, e| self.error(Error::io(what, e), digest);
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(|e| io("creating a temp file", e))?;
+        let tmp =
+            temp_file_in(&self.root.join("tmp")).map_err(|e| io("creating a temp file", e))?;
         let mut file = std::io::BufWriter::with_capacity(READ_CHUNK, tmp);
         let mut written = 0u64;
         while let Some(chunk) = data() {
@@ -288,22 +286,53 @@ impl Inner {
     }
 }
 
-/// Files under `dir`, recursively, with their metadata.
+/// Regular files under `dir`, recursively, with their metadata. Symlinks and
+/// other entries are not the store's: left alone, never followed.
 pub(crate) fn walk(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
         for entry in std::fs::read_dir(&d)? {
             let entry = entry?;
+            // Of the entry itself: a symlink is not followed.
             let meta = entry.metadata()?;
             if meta.is_dir() {
                 dirs.push(entry.path());
-            } else {
+            } else if meta.is_file() {
                 out.push((entry.path(), meta));
+            } else {
+                tracing::warn!(path = %entry.path().display(), "ignoring an entry that is not a regular file");
             }
         }
     }
     Ok(out)
+}
+
+/// How the store's temp files are named, so that only they are ever removed
+/// from its `tmp/` directory.
+const TEMP_PREFIX: &str = ".blob-access-";
+
+/// A new temp file of the store's in `dir`.
+pub(crate) fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)
+}
+
+/// Removes the leftovers of writes cut by a crash (never renamed, so never
+/// visible) from `dir`: the store's own temp files, nothing else.
+pub(crate) fn remove_temp_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        if ours && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the file of `d` lives under `objects`.

@@ -31,6 +31,7 @@ pub mod instance_name;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod output;
 pub mod read_chunk;
 pub mod resource;
 pub mod server;

@@ -80,10 +80,13 @@ pub async fn read_to_bytes(
     }
 }
 
-/// Streams a blob into `path` atomically ([`crate::atomic_file`]): the file
-/// is written, fsynced and only then given its name, so `path` holds either
-/// nothing new or the whole verified blob, and a failed or killed download
-/// leaves no temp file. `progress` is called with each chunk's length.
+/// Streams a blob into `path`, as [`crate::output`] decides: a regular file
+/// (or nothing) is replaced atomically ([`crate::atomic_file`]): written,
+/// fsynced and only then given its name, so `path` holds either nothing new
+/// or the whole verified blob, and a failed or killed download leaves no temp
+/// file. A device, a FIFO or `/dev/stdout` is written into, and a failure
+/// then says how many bytes went in. `progress` is called with each chunk's
+/// length.
 pub async fn write_to_file(
     ba: &dyn BlobAccess,
     digest: &Digest,
@@ -104,52 +107,131 @@ pub async fn write_to_file_with(
     path: &Path,
     fsync: bool,
     mode: Option<u32>,
-    mut progress: impl FnMut(u64) + Send,
+    progress: impl FnMut(u64) + Send,
+) -> Result<()> {
+    use crate::output::OutputPath;
+    let asked = path.to_path_buf();
+    // Opening a FIFO waits for its reader: off the async threads.
+    let resolved = blocking(move || OutputPath::resolve(&asked))
+        .await
+        .map_err(Error::from)?;
+    let target = match resolved {
+        OutputPath::Into(out) => return write_into(ba, digest, path, out, progress).await,
+        OutputPath::Replace(target) => target,
+    };
+    write_replacing(ba, digest, path, target, fsync, mode, progress).await
+}
+
+/// Streams a blob into a new file at `path` that replaces what was there
+/// atomically, as [`write_to_file_with`] does with a regular file, but never
+/// follows a symlink at `path` (the link itself is replaced) and refuses to
+/// replace anything but a regular file or a symlink: for trees written into a
+/// directory, whose entries must never lead out of it.
+pub async fn replace_file(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    path: &Path,
+    fsync: bool,
+    mode: Option<u32>,
+    progress: impl FnMut(u64) + Send,
+) -> Result<()> {
+    crate::output::check_replaceable(path)
+        .map_err(|e| Error::io(format_args!("{}", path.display()), e))?;
+    write_replacing(ba, digest, path, path.to_path_buf(), fsync, mode, progress).await
+}
+
+/// Writes the blob beside `target` and renames it over `target` once whole;
+/// errors name `path`, the path the caller gave.
+async fn write_replacing(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    path: &Path,
+    target: std::path::PathBuf,
+    fsync: bool,
+    mode: Option<u32>,
+    progress: impl FnMut(u64) + Send,
 ) -> Result<()> {
     let io = |what: &str, e| Error::io(format_args!("{what} {}", path.display()), e);
-    let is_dir = || {
-        Error::invalid_argument(format!(
-            "{} is a directory; give the path of a file to write",
-            path.display()
-        ))
-    };
-    if tokio::fs::metadata(path).await.is_ok_and(|m| m.is_dir()) {
-        return Err(is_dir());
-    }
-    let target = path.to_path_buf();
+    let at = target.clone();
     let mut new = blocking(move || {
         use crate::atomic_file::AtomicFile;
         match mode {
-            Some(mode) => AtomicFile::create_beside_with_mode(&target, mode),
+            Some(mode) => AtomicFile::create_beside_with_mode(&at, mode),
             // As a plain file would be (not 0600).
-            None => AtomicFile::create_beside(&target, 0o666),
+            None => AtomicFile::create_beside(&at, 0o666),
         }
     })
     .await
     .map_err(|e| io("creating a file beside", e))?;
-    let mut file = tokio::fs::File::from_std(new.file().try_clone().map_err(|e| io("opening", e))?);
-    let mut s = ba.get(digest, ReadRange::FULL);
+    let file = tokio::fs::File::from_std(new.file().try_clone().map_err(|e| io("opening", e))?);
     // On any error `new` is dropped, and with it what was written.
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk?;
-        file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
-        progress(chunk.len() as u64);
-    }
+    let file = copy_stream(ba, digest, file, progress)
+        .await
+        .map_err(|(e, _)| e.unwrap_or_else(|e| io("writing", e)))?;
     if fsync {
         file.sync_all().await.map_err(|e| io("syncing", e))?;
-    } else {
-        file.flush().await.map_err(|e| io("writing", e))?;
     }
     drop(file);
-    let target = path.to_path_buf();
-    blocking(move || new.persist(&target))
+    blocking(move || {
+        // Something else may have been put there while the blob downloaded.
+        crate::output::check_replaceable(&target)?;
+        new.persist(&target)
+    })
+    .await
+    .map_err(|e| io("naming", e))?;
+    Ok(())
+}
+
+/// Streams a blob into an output that cannot be replaced atomically; a
+/// failure says so, and how much of the blob went in.
+async fn write_into(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    path: &Path,
+    out: crate::output::Output,
+    progress: impl FnMut(u64) + Send,
+) -> Result<()> {
+    let kind = out.kind;
+    let file = tokio::fs::File::from_std(out.file);
+    copy_stream(ba, digest, file, progress)
         .await
-        .map_err(|e| match e.kind() {
-            // Made a directory while the blob was downloading.
-            std::io::ErrorKind::IsADirectory => is_dir(),
-            _ => io("naming", e),
+        .map_err(|(e, written)| {
+            let e = e.unwrap_or_else(|e| Error::io("writing", e));
+            Error::new(
+                e.code(),
+                format!(
+                    "{} is {kind}, written into as the blob arrived (not atomically): \
+                     {written} of its {} bytes went in before: {}",
+                    path.display(),
+                    digest.size_bytes(),
+                    e.message()
+                ),
+            )
+            .with_digest(digest)
         })?;
     Ok(())
+}
+
+/// Copies a blob into `file` and flushes it. An error is the stream's
+/// (`Ok`) or the file's (`Err`), with the bytes written before it.
+async fn copy_stream(
+    ba: &dyn BlobAccess,
+    digest: &Digest,
+    mut file: tokio::fs::File,
+    mut progress: impl FnMut(u64) + Send,
+) -> std::result::Result<tokio::fs::File, (std::result::Result<Error, std::io::Error>, u64)> {
+    let mut written = 0u64;
+    let mut s = ba.get(digest, ReadRange::FULL);
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| (Ok(e), written))?;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| (Err(e), written))?;
+        written += chunk.len() as u64;
+        progress(chunk.len() as u64);
+    }
+    file.flush().await.map_err(|e| (Err(e), written))?;
+    Ok(file)
 }
 
 /// Runs a blocking file operation off the async threads.

@@ -168,7 +168,7 @@ async fn survives_restarts_and_cleans_up_after_a_crash() {
     };
     // What a crash mid-write leaves: a temp file. And a file truncated by
     // something else, and a stranger's file.
-    std::fs::write(dir.path().join("tmp/.tmp-partial"), b"half a blob").unwrap();
+    std::fs::write(dir.path().join("tmp/.blob-access-partial"), b"half a blob").unwrap();
     let path_b = dir.path().join(format!(
         "objects/sha256/{}/{}-5000",
         &b.hash()[..2],
@@ -182,6 +182,10 @@ async fn survives_restarts_and_cleans_up_after_a_crash() {
     assert_eq!(disk.find_missing(&[a, b.clone()]).await.unwrap(), vec![b]);
     assert!(!path_b.exists());
     assert_eq!(files_under(&dir.path().join("tmp")), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("objects/README")).unwrap(),
+        b"not a blob"
+    );
     assert_eq!(disk.size_bytes(), 5000);
 
     // A smaller limit on reopening evicts down to it.
@@ -258,4 +262,57 @@ async fn concurrent_writers_and_readers_of_the_same_blobs() {
     assert_eq!(files_under(&dir.path().join("objects")), 8);
     assert_eq!(files_under(&dir.path().join("tmp")), 0);
     assert_eq!(disk.size_bytes(), (0..8).map(|i| 100_000 + i).sum::<u64>());
+}
+
+/// A store whose path is a symlink to a directory works, and what is in its
+/// directory but not the store's (a user's files in `tmp/`, symlinks and
+/// FIFOs among the objects, even under a blob's name) is never deleted,
+/// replaced or followed, across reopening and eviction.
+#[tokio::test]
+async fn what_is_not_the_store_s_is_left_alone() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let store = dir.path().join("store");
+    symlink(&real, &store).unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"a user's file").unwrap();
+
+    let disk = DiskBlobAccess::open("disk", &store, 1 << 20).unwrap();
+    let (a, data_a) = put(&disk, 1, 5000).await;
+    drop(disk);
+    let (b, _) = blob(2, 5000);
+    let b_dir = real.join(format!("objects/sha256/{}", &b.hash()[..2]));
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b_link = b_dir.join(format!("{}-5000", b.hash()));
+    symlink(&outside, &b_link).unwrap();
+    symlink(dir.path(), real.join("objects/sha256/up")).unwrap();
+    std::fs::write(real.join("tmp/notes.txt"), b"mine").unwrap();
+    let fifo = std::ffi::CString::new(real.join("objects/fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    let disk = DiskBlobAccess::open("disk", &store, 1 << 20).unwrap();
+    assert_eq!(read(&disk, &a, ReadRange::FULL).await.unwrap(), data_a);
+    assert_eq!(
+        disk.find_missing(&[b.clone()]).await.unwrap(),
+        vec![b.clone()]
+    );
+    drop(disk);
+    // Evicting everything leaves the strangers too.
+    let disk = DiskBlobAccess::open("disk", &store, 10).unwrap();
+    assert_eq!(disk.size_bytes(), 0);
+    assert!(std::fs::symlink_metadata(&b_link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::symlink_metadata(real.join("objects/sha256/up")).is_ok());
+    assert_eq!(std::fs::read(real.join("tmp/notes.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"a user's file");
+    assert!(std::fs::symlink_metadata(real.join("objects/fifo")).is_ok());
+    assert!(std::fs::symlink_metadata(&store)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }

@@ -22,9 +22,13 @@
 //! the digest. Names that could escape OUTDIR (empty, `.`, `..`, with `/`) or
 //! that repeat within a directory are refused, as is a directory of the tree
 //! that already exists in OUTDIR as anything but a directory (say a symlink).
+//! A file of the tree replaces a regular file or a symlink at its path (the
+//! link itself, never what it points to); a device, FIFO, socket or directory
+//! there is an error naming it, and is left as it was.
 
 use crate::progress::Ui;
 use blob_access::atomic_file::{self, AtomicFile};
+use blob_access::output;
 use blob_access::{proto, upload, util, BlobAccess, Digest, DigestFunction, ReadRange};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
@@ -208,11 +212,14 @@ fn place(
     fsync: bool,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    // Never through or over what is not a file or a symlink (a FIFO, a device).
+    output::check_replaceable(to)?;
     let mut new = AtomicFile::create_beside_with_mode(to, mode.mode())?;
     fill(new.file())?;
     if fsync {
         new.file().sync_all()?;
     }
+    output::check_replaceable(to)?;
     new.persist(to)
 }
 
@@ -304,7 +311,7 @@ async fn fetch_large(
     let first = files[0];
     let first_path = out.join(&first.path);
     let mode = Some(first.mode().mode());
-    util::write_to_file_with(cas, &first.digest, &first_path, fsync, mode, |n| bar.inc(n))
+    util::replace_file(cas, &first.digest, &first_path, fsync, mode, |n| bar.inc(n))
         .await
         .map_err(|e| first.error(e))?;
     for f in &files[1..] {
@@ -371,7 +378,9 @@ pub async fn run(
         .try_collect::<()>();
     futures::try_join!(small, large)?;
     for (rel, target) in &tree.symlinks {
-        atomic_file::symlink(target, &out.join(rel))
+        let path = out.join(rel);
+        output::check_replaceable(&path)
+            .and_then(|()| atomic_file::symlink(target, &path))
             .map_err(|e| format!("{}: creating a symlink to {target:?}: {e}", rel.display()))?;
     }
     sync_filesystem(out)?;

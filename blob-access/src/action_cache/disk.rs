@@ -56,13 +56,10 @@ impl DiskActionCache {
         };
         let root = root.join("action-cache");
         let (objects, tmp) = (root.join("objects"), root.join("tmp"));
-        // Leftovers of writes cut by a crash: never renamed, so never visible.
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| at("removing", &tmp, e))?;
-        }
         for dir in [&tmp, &objects] {
             std::fs::create_dir_all(dir).map_err(|e| at("creating", dir, e))?;
         }
+        crate::disk::remove_temp_files(&tmp).map_err(|e| at("cleaning", &tmp, e))?;
         let mut found = Vec::new();
         for (path, meta) in walk(&objects).map_err(|e| at("listing", &objects, e))? {
             match digest_of_path(&objects, &path) {
@@ -141,8 +138,8 @@ impl Inner {
                 .with_backend(self.name.clone())
                 .with_digest(action)
         };
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)
-            .map_err(|e| io("creating a temp file", e))?;
+        let mut tmp =
+            crate::disk::temp_file_in(&self.tmp).map_err(|e| io("creating a temp file", e))?;
         tmp.write_all(data).map_err(|e| io("writing", e))?;
         tmp.as_file().sync_all().map_err(|e| io("syncing", e))?;
         let path = object_path(&self.objects, key);
