@@ -180,12 +180,15 @@ fn on_procfs(path: &Path) -> bool {
     statfs_type(dir) == Some(PROC_SUPER_MAGIC)
 }
 
+// The type of f_type (and of the constant) differs between libcs and targets.
 #[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(clippy::unnecessary_cast)]
 const PROC_SUPER_MAGIC: i64 = libc::PROC_SUPER_MAGIC as i64;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const PROC_SUPER_MAGIC: i64 = -1;
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(clippy::unnecessary_cast)]
 fn statfs_type(dir: &Path) -> Option<i64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;

@@ -296,7 +296,7 @@ async fn what_is_not_the_store_s_is_left_alone() {
     let disk = DiskBlobAccess::open("disk", &store, 1 << 20).unwrap();
     assert_eq!(read(&disk, &a, ReadRange::FULL).await.unwrap(), data_a);
     assert_eq!(
-        disk.find_missing(&[b.clone()]).await.unwrap(),
+        disk.find_missing(std::slice::from_ref(&b)).await.unwrap(),
         vec![b.clone()]
     );
     drop(disk);
