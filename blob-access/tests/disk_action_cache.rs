@@ -299,16 +299,18 @@ async fn leftovers_are_removed_and_strangers_ignored_on_open() {
         let ac = DiskActionCache::open("disk", dir.path(), 1 << 20).unwrap();
         ac.update_action_result(&a, &result(1, 20)).await.unwrap();
     }
-    // What a crash mid-write leaves, and a stranger's file among the results.
+    // What a crash mid-write leaves, and strangers' files among the results
+    // and among the temp files (not ours: left alone).
     let tmp = dir.path().join("action-cache/tmp");
-    std::fs::write(tmp.join(".tmpAbCdEf"), b"half a result").unwrap();
+    std::fs::write(tmp.join(".blob-access-AbCdEf"), b"half a result").unwrap();
     std::fs::create_dir_all(tmp.join("sub")).unwrap();
-    std::fs::write(tmp.join("sub/.tmp2"), b"more").unwrap();
+    std::fs::write(tmp.join("sub/.blob-access-2"), b"more").unwrap();
     let stranger = dir.path().join("action-cache/objects/README");
     std::fs::write(&stranger, b"not a result").unwrap();
 
     let ac = DiskActionCache::open("disk", dir.path(), 1 << 20).unwrap();
-    assert_eq!(files_under(&tmp), 0);
+    assert!(!tmp.join(".blob-access-AbCdEf").exists());
+    assert_eq!(files_under(&tmp), 1, "a stranger's directory was emptied");
     assert!(tmp.is_dir(), "the temp directory must exist for writes");
     assert_eq!(ac.get_action_result(&a).await.unwrap(), result(1, 20));
     assert!(stranger.exists(), "a file that is not ours was deleted");
@@ -342,8 +344,8 @@ async fn a_cas_and_an_action_cache_on_the_same_path_keep_apart() {
             .is_empty());
     }
     // Temp leftovers of each: each open removes its own only.
-    let cas_tmp = dir.path().join("tmp/.tmp-cas");
-    let ac_tmp = dir.path().join("action-cache/tmp/.tmp-ac");
+    let cas_tmp = dir.path().join("tmp/.blob-access-cas");
+    let ac_tmp = dir.path().join("action-cache/tmp/.blob-access-ac");
     std::fs::write(&cas_tmp, b"x").unwrap();
     std::fs::write(&ac_tmp, b"y").unwrap();
 
