@@ -9,7 +9,7 @@
 
 mod common;
 
-use blob_access::chaos::{Faults, Kill, Proxy};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use common::*;
 use std::time::Duration;
 

@@ -12,10 +12,10 @@
 mod common;
 
 use bazel_remote_apis::google::bytestream as bs;
-use blob_access::chaos::{Faults, Kill, Proxy};
 use blob_access::grpc::{GrpcConfig, GrpcConnection};
 use blob_access::resource::WriteResource;
 use blob_access::{BlobAccess, Digest};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use blob_access_decorators::resumable_grpc::{ResumableGrpcBlobAccess, RetryPolicy};
 use bytes::Bytes;
 use common::*;

@@ -4,7 +4,7 @@
 
 mod support;
 
-use blob_access::chaos::{Faults, Kill, Proxy};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use std::process::Command;
 use support::*;
 

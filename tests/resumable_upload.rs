@@ -14,7 +14,7 @@
 
 mod support;
 
-use blob_access::chaos::{Faults, Kill, Proxy};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use std::path::Path;
 use std::time::Duration;
 use support::*;

@@ -16,6 +16,10 @@ pub struct Error {
     digest: Option<Box<Digest>>,
     /// Retry delay suggested by the server (`google.rpc.RetryInfo`), if any.
     retry_delay: Option<std::time::Duration>,
+    /// The server's `grpc-status-details-bin` (a `google.rpc.Status`), kept
+    /// so that a proxy passes on what clients act on, e.g. the missing blobs
+    /// of an Execute's FAILED_PRECONDITION.
+    details: Option<bytes::Bytes>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -28,6 +32,7 @@ impl Error {
             backend: None,
             digest: None,
             retry_delay: None,
+            details: None,
         }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -120,13 +125,20 @@ impl From<tonic::Status> for Error {
         if let Some(src) = std::error::Error::source(&s) {
             message = format!("{message}: {}", error_chain(src));
         }
-        Error::new(s.code(), message).with_retry_delay(retry_delay)
+        let mut e = Error::new(s.code(), message).with_retry_delay(retry_delay);
+        if !s.details().is_empty() {
+            e.details = Some(bytes::Bytes::copy_from_slice(s.details()));
+        }
+        e
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code, e.to_string())
+        match &e.details {
+            Some(details) => tonic::Status::with_details(e.code, e.to_string(), details.clone()),
+            None => tonic::Status::new(e.code, e.to_string()),
+        }
     }
 }
 

@@ -9,11 +9,13 @@ mod checks;
 mod config;
 mod connection;
 mod credential_helper;
+mod execution;
 pub mod http_status;
 
 pub use calls::{CallsOnce, CasCalls};
 pub use config::{Compression, FromEnv, FromFile, GrpcConfig, HeaderValue, Headers};
 pub use connection::{Capabilities, GrpcChannel, GrpcConnection, MAX_MESSAGE};
+pub use execution::{execution_client, GrpcExecution};
 
 use crate::bytestream_proto::{ReadRequest, WriteRequest};
 use crate::node::Counters;

@@ -21,11 +21,11 @@
 
 pub mod action_cache;
 pub mod atomic_file;
-pub mod chaos;
 pub mod config_types;
 pub mod digest;
 pub mod disk;
 pub mod error;
+pub mod execution;
 pub mod grpc;
 pub mod instance_name;
 pub mod memory;
@@ -34,7 +34,6 @@ pub mod node;
 pub mod output;
 pub mod read_chunk;
 pub mod resource;
-pub mod server;
 pub mod upload;
 pub mod util;
 pub mod verify;
@@ -42,6 +41,7 @@ pub mod verify;
 pub use action_cache::ActionCache;
 pub use digest::{Digest, DigestFunction};
 pub use error::{Code, Error, Result};
+pub use execution::Execution;
 pub use node::{BuildContext, BuildNode, ChildNodes, NodeMetrics, StorageType};
 
 use bytes::Bytes;
@@ -100,13 +100,15 @@ impl ReadRange {
     }
 }
 
-/// A CAS and, for a build tool's remote cache, the action cache beside it:
-/// what a config file builds and what a server serves (without an action
-/// cache, its ActionCache service answers UNIMPLEMENTED).
+/// A CAS and, for a build tool's remote cache, the action cache beside it,
+/// and for remote execution the execution service: what a config file
+/// builds and what a server serves (without an action cache or execution,
+/// those services answer UNIMPLEMENTED).
 #[derive(Clone)]
 pub struct Storage {
     pub cas: Arc<dyn BlobAccess>,
     pub action_cache: Option<Arc<dyn ActionCache>>,
+    pub execution: Option<Arc<dyn Execution>>,
 }
 
 impl Storage {
@@ -114,10 +116,15 @@ impl Storage {
         Storage {
             cas,
             action_cache: None,
+            execution: None,
         }
     }
     pub fn with_action_cache(mut self, action_cache: Arc<dyn ActionCache>) -> Self {
         self.action_cache = Some(action_cache);
+        self
+    }
+    pub fn with_execution(mut self, execution: Arc<dyn Execution>) -> Self {
+        self.execution = Some(execution);
         self
     }
 }

@@ -25,6 +25,7 @@
 //! ```
 
 use crate::action_cache::{ActionCache, ActionResult};
+use crate::execution::OperationStream;
 use crate::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Result};
 use futures::{Stream, StreamExt};
 use prometheus_client::collector::Collector;
@@ -164,26 +165,31 @@ impl<T: ?Sized> Instrumented<T> {
     }
 }
 
-/// A stream that counts its bytes and records its call when it ends, fails
-/// or is dropped (a cancelled call, recorded as CANCELLED).
-struct Recorded {
-    inner: BlobStream,
-    bytes: Counter,
+/// The counter of a stream's bytes, and the bytes of an item.
+type ByteCount<T> = (Counter, fn(&T) -> u64);
+
+/// A stream that counts its bytes (if any) and records its call when it
+/// ends, fails or is dropped (a cancelled call, recorded as CANCELLED).
+struct Recorded<T> {
+    inner: futures::stream::BoxStream<'static, Result<T>>,
+    bytes: Option<ByteCount<T>>,
     call: Call,
     start: Instant,
     metrics: Arc<CallMetrics>,
     done: bool,
 }
 
-impl Stream for Recorded {
-    type Item = Result<bytes::Bytes>;
+impl<T> Stream for Recorded<T> {
+    type Item = Result<T>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = futures::ready!(self.inner.poll_next_unpin(cx));
         if !self.done {
             match &item {
-                Some(Ok(chunk)) => {
-                    self.bytes.inc_by(chunk.len() as u64);
+                Some(Ok(item)) => {
+                    if let Some((counter, len)) = &self.bytes {
+                        counter.inc_by(len(item));
+                    }
                 }
                 Some(Err(e)) => {
                     self.done = true;
@@ -199,7 +205,7 @@ impl Stream for Recorded {
     }
 }
 
-impl Drop for Recorded {
+impl<T> Drop for Recorded<T> {
     fn drop(&mut self) {
         if !self.done {
             let cancelled = crate::Error::new(crate::Code::Cancelled, "");
@@ -215,7 +221,7 @@ impl BlobAccess for Instrumented<dyn BlobAccess> {
         let call = self.metrics.call(&self.node, "get");
         Recorded {
             inner: self.inner.get(digest, range),
-            bytes: self.metrics.bytes(&self.node, "read"),
+            bytes: Some((self.metrics.bytes(&self.node, "read"), |c| c.len() as u64)),
             call,
             start: Instant::now(),
             metrics: self.metrics.clone(),
@@ -288,15 +294,80 @@ impl ActionCache for Instrumented<dyn ActionCache> {
     }
 }
 
+impl Instrumented<dyn crate::Execution> {
+    fn recorded(&self, op: &'static str, inner: OperationStream) -> OperationStream {
+        Recorded {
+            inner,
+            bytes: None,
+            call: self.metrics.call(&self.node, op),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+            done: false,
+        }
+        .boxed()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Execution for Instrumented<dyn crate::Execution> {
+    fn execute(&self, request: crate::execution::ExecuteRequest) -> OperationStream {
+        self.recorded("execute", self.inner.execute(request))
+    }
+
+    fn wait_execution(&self, name: &str) -> OperationStream {
+        self.recorded("wait_execution", self.inner.wait_execution(name))
+    }
+
+    async fn get_operation(&self, name: &str) -> Result<crate::execution::Operation> {
+        self.record("get_operation", self.inner.get_operation(name))
+            .await
+    }
+
+    async fn cancel_operation(&self, name: &str) -> Result<()> {
+        self.record("cancel_operation", self.inner.cancel_operation(name))
+            .await
+    }
+
+    async fn list_operations(
+        &self,
+        request: crate::execution::ListOperationsRequest,
+    ) -> Result<crate::execution::ListOperationsResponse> {
+        self.record("list_operations", self.inner.list_operations(request))
+            .await
+    }
+
+    async fn capabilities(
+        &self,
+        instance_name: &str,
+    ) -> Result<Option<crate::execution::ExecutionCapabilities>> {
+        self.inner.capabilities(instance_name).await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        self.inner.metrics(out)
+    }
+}
+
 /// Exports the counters of every node of a server's trees at each scrape.
 pub struct NodeCounters {
     cas: Arc<dyn BlobAccess>,
     action_cache: Option<Arc<dyn ActionCache>>,
+    execution: Option<Arc<dyn crate::Execution>>,
 }
 
 impl NodeCounters {
     pub fn new(cas: Arc<dyn BlobAccess>, action_cache: Option<Arc<dyn ActionCache>>) -> Self {
-        NodeCounters { cas, action_cache }
+        NodeCounters {
+            cas,
+            action_cache,
+            execution: None,
+        }
+    }
+
+    /// Exports the execution tree's counters too.
+    pub fn with_execution(mut self, execution: Option<Arc<dyn crate::Execution>>) -> Self {
+        self.execution = execution;
+        self
     }
 }
 
@@ -312,6 +383,9 @@ impl Collector for NodeCounters {
         self.cas.metrics(&mut nodes);
         if let Some(ac) = &self.action_cache {
             ac.metrics(&mut nodes);
+        }
+        if let Some(exec) = &self.execution {
+            exec.metrics(&mut nodes);
         }
         // One family per (kind, counter), one sample per node.
         let mut families: BTreeMap<(&str, &str), Vec<(&str, u64)>> = BTreeMap::new();

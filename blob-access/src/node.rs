@@ -2,6 +2,7 @@
 //! counters each node exposes (read through the tree, e.g. for a metrics endpoint).
 
 use crate::action_cache::ActionCache;
+use crate::execution::Execution;
 use crate::{BlobAccess, Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 pub enum StorageType {
     Cas,
     ActionCache,
+    Execution,
 }
 
 impl StorageType {
@@ -20,6 +22,7 @@ impl StorageType {
         match self {
             StorageType::Cas => "content_addressable_storage",
             StorageType::ActionCache => "action_cache",
+            StorageType::Execution => "execution",
         }
     }
 }
@@ -81,6 +84,10 @@ impl BuildContext {
     pub fn instrument(&self, node: Arc<dyn BlobAccess>) -> Arc<dyn BlobAccess> {
         self.wrap(node, |n| Arc::new(n))
     }
+    /// An execution node wrapped like [`instrument`](Self::instrument) does.
+    pub fn instrument_execution(&self, node: Arc<dyn Execution>) -> Arc<dyn Execution> {
+        self.wrap(node, |n| Arc::new(n))
+    }
     /// An action cache node wrapped like [`instrument`](Self::instrument) does.
     pub fn instrument_action_cache(&self, node: Arc<dyn ActionCache>) -> Arc<dyn ActionCache> {
         self.wrap(node, |n| Arc::new(n))
@@ -114,6 +121,15 @@ pub trait BuildNode {
             ctx.path()
         )))
     }
+
+    /// The node as part of an execution tree, like
+    /// [`build_action_cache`](Self::build_action_cache).
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn Execution>> {
+        Err(Error::invalid_argument(format!(
+            "node {:?} cannot be part of an execution tree",
+            ctx.path()
+        )))
+    }
 }
 
 impl<T: BuildNode + ?Sized> BuildNode for Box<T> {
@@ -122,6 +138,9 @@ impl<T: BuildNode + ?Sized> BuildNode for Box<T> {
     }
     fn build_action_cache(&self, ctx: &BuildContext) -> Result<Arc<dyn ActionCache>> {
         (**self).build_action_cache(ctx)
+    }
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn Execution>> {
+        (**self).build_execution(ctx)
     }
 }
 

@@ -1,5 +1,6 @@
 //! A config file: one tree (a CAS, as `get`, `put` and embedders use), or for
-//! `serve` a CAS and an action cache side by side:
+//! `serve` a CAS and an action cache side by side, and an execution tree
+//! where `serve` forwards remote execution:
 //!
 //! ```yaml
 //! content_addressable_storage:
@@ -20,12 +21,14 @@ pub struct Config {
     pub content_addressable_storage: Node,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action_cache: Option<Node>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution: Option<Node>,
     /// Written as a single node (CAS only); its paths then start at the node.
     #[serde(skip)]
     single_node: bool,
 }
 
-const TREE_KEYS: &[&str] = &["content_addressable_storage", "action_cache"];
+const TREE_KEYS: &[&str] = &["content_addressable_storage", "action_cache", "execution"];
 
 impl Config {
     /// A config of two trees; their nodes' paths start with the trees' keys.
@@ -33,8 +36,15 @@ impl Config {
         Config {
             content_addressable_storage,
             action_cache,
+            execution: None,
             single_node: false,
         }
+    }
+
+    /// This config with an execution tree.
+    pub fn with_execution(mut self, execution: Node) -> Self {
+        self.execution = Some(execution);
+        self
     }
 
     /// A config of one CAS tree, as a file holding a single node.
@@ -42,6 +52,7 @@ impl Config {
         Config {
             content_addressable_storage: node,
             action_cache: None,
+            execution: None,
             single_node: true,
         }
     }
@@ -77,6 +88,10 @@ impl Config {
             let ctx = self.context(ctx, StorageType::ActionCache).with_cas(cas);
             storage = storage.with_action_cache(ac.build_action_cache(&ctx)?);
         }
+        if let Some(exec) = &self.execution {
+            let ctx = self.context(ctx, StorageType::Execution);
+            storage = storage.with_execution(exec.build_execution(&ctx)?);
+        }
         Ok(storage)
     }
 
@@ -85,6 +100,7 @@ impl Config {
         let trees = [
             (StorageType::Cas, Some(&self.content_addressable_storage)),
             (StorageType::ActionCache, self.action_cache.as_ref()),
+            (StorageType::Execution, self.execution.as_ref()),
         ];
         for (storage, node) in trees {
             if let Some(node) = node {
@@ -125,12 +141,13 @@ impl<'de> serde::Deserialize<'de> for Config {
                     }
                     return crate::rest_of_node(first, map).map(Config::cas_only);
                 }
-                let (mut cas, mut ac) = (None, None);
+                let (mut cas, mut ac, mut exec) = (None, None, None);
                 let mut key = Some(first);
                 while let Some(k) = key {
                     let slot = match k.as_str() {
                         "content_addressable_storage" => &mut cas,
                         "action_cache" => &mut ac,
+                        "execution" => &mut exec,
                         other => return Err(A::Error::unknown_field(other, TREE_KEYS)),
                     };
                     if slot.is_some() {
@@ -141,7 +158,11 @@ impl<'de> serde::Deserialize<'de> for Config {
                 }
                 let cas =
                     cas.ok_or_else(|| A::Error::missing_field("content_addressable_storage"))?;
-                Ok(Config::new(cas, ac))
+                let config = Config::new(cas, ac);
+                Ok(match exec {
+                    Some(exec) => config.with_execution(exec),
+                    None => config,
+                })
             }
         }
         d.deserialize_map(V)

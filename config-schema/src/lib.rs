@@ -8,8 +8,9 @@
 //!     grpc: {endpoint: "grpc://127.0.0.1:8980", instance_name: ""}
 //! ```
 //!
-//! A file holds one tree (a CAS), or a CAS and an action cache as
-//! `content_addressable_storage:` and `action_cache:` ([`Config`]). The same
+//! A file holds one tree (a CAS), or a CAS, an action cache and an execution
+//! service as `content_addressable_storage:`, `action_cache:` and
+//! `execution:` ([`Config`]). The same
 //! node kinds serve in both where they make sense; the others are refused
 //! when the file is loaded. YAML and JSON alike; errors name the path in the
 //! tree, the line and the column.
@@ -43,7 +44,8 @@ pub use load::{load_file, load_str, ConfigError, Format};
 pub use schema::json_schema;
 
 use blob_access::{
-    ActionCache, BlobAccess, BuildContext, BuildNode, ChildNodes, Result, Storage, StorageType,
+    ActionCache, BlobAccess, BuildContext, BuildNode, ChildNodes, Execution, Result, Storage,
+    StorageType,
 };
 use std::sync::Arc;
 
@@ -106,6 +108,13 @@ macro_rules! nodes {
                 let built = match self { $( Node::$variant(c) => c.build_action_cache(&ctx), )* };
                 built.map(|node| ctx.instrument_action_cache(node))
             }
+
+            fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn Execution>> {
+                let ctx = ctx.child(self.kind());
+                self.refuse_unless(StorageType::Execution, &ctx)?;
+                let built = match self { $( Node::$variant(c) => c.build_execution(&ctx), )* };
+                built.map(|node| ctx.instrument_execution(node))
+            }
         }
     };
 }
@@ -127,11 +136,7 @@ impl Node {
             let message = format!(
                 "`{}` cannot be part of a{} {} tree; the kinds there are {}",
                 self.kind(),
-                if storage == StorageType::ActionCache {
-                    "n"
-                } else {
-                    ""
-                },
+                if storage == StorageType::Cas { "" } else { "n" },
                 storage.key(),
                 Node::kinds_for(storage).join(", ")
             );
@@ -212,16 +217,16 @@ nodes! {
     "memory" => Memory(blob_access::memory::MemoryConfig) in [Cas, ActionCache],
     /// A store in a local directory, bounded by size, surviving restarts.
     "disk" => Disk(blob_access::disk::DiskConfig) in [Cas, ActionCache],
-    /// A remote REAPI server (CAS or ActionCache); a stream cut in the middle fails the read.
-    "grpc" => Grpc(blob_access::grpc::GrpcConfig) in [Cas, ActionCache],
-    /// A remote REAPI server whose reads resume at `read_offset` when a stream is cut.
-    "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig) in [Cas, ActionCache],
+    /// A remote REAPI server (CAS, ActionCache or Execution); a stream cut in the middle fails the call.
+    "grpc" => Grpc(blob_access::grpc::GrpcConfig) in [Cas, ActionCache, Execution],
+    /// A remote REAPI server whose reads resume at `read_offset` when a stream is cut, and whose executions resume with WaitExecution.
+    "resumable_grpc" => ResumableGrpc(blob_access_decorators::resumable_grpc::ResumableGrpcConfig) in [Cas, ActionCache, Execution],
     /// Remembers for `ttl` the digests `find_missing` found present (CAS only).
     "existence_caching" => ExistenceCaching(blob_access_decorators::existence_caching::ExistenceCachingConfig<Node>) in [Cas],
     /// Reads a fast tier first; on a miss reads the slow one while copying into the fast.
     "read_caching" => ReadCaching(blob_access_decorators::read_caching::ReadCachingConfig<Node>) in [Cas, ActionCache],
     /// Logs every failed call with its operation, digest, node path, code and duration.
-    "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>) in [Cas, ActionCache],
+    "error_logging" => ErrorLogging(blob_access_decorators::error_logging::ErrorLoggingConfig<Node>) in [Cas, ActionCache, Execution],
     /// Spreads blobs over shards by weighted rendezvous hashing of their digest (action digest in an action cache).
     "sharding" => Sharding(blob_access_decorators::sharding::ShardingConfig<Node>) in [Cas, ActionCache],
     /// Keeps every blob on two backends: writes to both, reads from either, repairs the side that lacks one.
@@ -229,7 +234,7 @@ nodes! {
     /// Serves an action result only if every blob it names is in the CAS (action cache only).
     "completeness_checking" => CompletenessChecking(blob_access_decorators::completeness_checking::CompletenessCheckingConfig<Node>) in [ActionCache],
     /// Routes each call by the longest instance-name prefix of its request to that prefix's backend.
-    "demultiplexing" => Demultiplexing(blob_access_decorators::demultiplexing::DemultiplexingConfig<Node>) in [Cas, ActionCache],
+    "demultiplexing" => Demultiplexing(blob_access_decorators::demultiplexing::DemultiplexingConfig<Node>) in [Cas, ActionCache, Execution],
 }
 
 /// Loads a config file and builds its trees.

@@ -2,7 +2,7 @@
 //! cannot drift from what the loader accepts (a test checks the checked-in copy).
 
 /// The JSON Schema of a config file, as checked in at `config-schema/blob-access.schema.json`:
-/// a node, or a map of the trees `content_addressable_storage` and `action_cache`.
+/// a node, or a map of the trees `content_addressable_storage`, `action_cache` and `execution`.
 pub fn json_schema() -> serde_json::Value {
     let mut schema = schemars::schema_for!(crate::Node);
     let node = schema.as_object_mut().expect("a schema is an object");
@@ -25,14 +25,15 @@ pub fn json_schema() -> serde_json::Value {
     serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "blob-access config",
-        "description": "A tree of blob-access backends and decorators (each node a single key naming its kind), or for `serve` a CAS tree and an action cache tree. Kinds an action cache refuses (existence_caching) and kinds only it takes (completeness_checking) are checked by `blob-access validate`.",
+        "description": "A tree of blob-access backends and decorators (each node a single key naming its kind), or for `serve` a CAS tree, an action cache tree and an execution tree. Kinds a tree refuses (existence_caching in an action cache; all but grpc, resumable_grpc, demultiplexing and error_logging in an execution tree) and kinds only an action cache takes (completeness_checking) are checked by `blob-access validate`.",
         "oneOf": [
             node_ref,
             {
                 "type": "object",
                 "properties": {
                     "content_addressable_storage": node_ref,
-                    "action_cache": node_ref
+                    "action_cache": node_ref,
+                    "execution": node_ref
                 },
                 "required": ["content_addressable_storage"],
                 "additionalProperties": false

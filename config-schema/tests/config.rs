@@ -227,11 +227,43 @@ fn a_file_names_a_cas_and_an_action_cache() {
             .contains("missing field `content_addressable_storage`"),
         "{e}"
     );
-    let e = yaml_err("content_addressable_storage: {memory: {max_size_bytes: 1}}\nexecution: {}\n");
-    assert!(e.message.contains("unknown field `execution`"), "{e}");
+    let e = yaml_err("content_addressable_storage: {memory: {max_size_bytes: 1}}\nscheduler: {}\n");
+    assert!(e.message.contains("unknown field `scheduler`"), "{e}");
     let e = yaml_err("content_addressable_storage:\n  memory: {max_size_bytes: x}\n");
     assert_eq!(e.path, "content_addressable_storage.memory.max_size_bytes");
     assert_eq!(e.line, Some(2));
+}
+
+/// An execution tree takes grpc, resumable_grpc, demultiplexing and
+/// error_logging; any other kind is refused at load time with its path.
+#[tokio::test]
+async fn an_execution_tree_takes_only_forwarding_nodes() {
+    let ok = "content_addressable_storage: {memory: {max_size_bytes: 1}}
+execution:
+  error_logging:
+    backend:
+      demultiplexing:
+        instance_name_prefixes:
+          \"\": {backend: {resumable_grpc: {grpc: {endpoint: \"grpc://127.0.0.1:1\"}, execution_stall_timeout: 2m}}}
+          team-a: {backend: {grpc: {endpoint: \"grpc://127.0.0.1:2\"}}}
+";
+    let c = load_str(ok, Format::Yaml, "t").unwrap();
+    assert_eq!(c.execution.as_ref().unwrap().kind(), "error_logging");
+    let storage = c.build(&blob_access::BuildContext::root()).unwrap();
+    assert!(storage.execution.is_some() && storage.action_cache.is_none());
+    for kind in ["memory: {max_size_bytes: 1}", "disk: {path: /tmp/x, max_size_bytes: 1}",
+        "read_caching: {fast: {grpc: {endpoint: \"grpc://h:1\"}}, slow: {grpc: {endpoint: \"grpc://h:2\"}}}",
+        "completeness_checking: {backend: {grpc: {endpoint: \"grpc://h:1\"}}}"] {
+        let yaml = format!("content_addressable_storage: {{memory: {{max_size_bytes: 1}}}}\nexecution:\n  error_logging: {{backend: {{{kind}}}}}\n");
+        let e = yaml_err(&yaml);
+        let name = kind.split(':').next().unwrap();
+        assert_eq!(e.path, format!("execution.error_logging.backend.{name}"), "{e}");
+        assert!(
+            e.message.contains("cannot be part of an execution tree")
+                && e.message.contains("grpc, resumable_grpc, error_logging, demultiplexing"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

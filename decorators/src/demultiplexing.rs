@@ -49,6 +49,9 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+mod execution;
+pub use execution::DemultiplexingExecution;
+
 /// Config node
 /// `demultiplexing: {instance_name_prefixes: {"": {backend: <node>}, team-a: {backend: <node>, instance_name_prefix: remote-a}}}`.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
@@ -139,6 +142,15 @@ impl<N: BuildNode> BuildNode for DemultiplexingConfig<N> {
         }
         Ok(Arc::new(node))
     }
+
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn blob_access::Execution>> {
+        let mut node = DemultiplexingExecution::new(ctx.path());
+        for (prefix, r, at) in self.routes(ctx) {
+            let backend = r.backend.build_execution(&at)?;
+            node = node.route(prefix, backend, r.instance_name_prefix.as_deref());
+        }
+        Ok(Arc::new(node))
+    }
 }
 
 impl<N> ChildNodes<N> for DemultiplexingConfig<N> {
@@ -151,12 +163,12 @@ impl<N> ChildNodes<N> for DemultiplexingConfig<N> {
 }
 
 /// Backends by instance-name prefix, longest first.
-struct Routes<T: ?Sized> {
+pub(crate) struct Routes<T: ?Sized> {
     name: String,
     routes: Vec<Route<T>>,
 }
 
-struct Route<T: ?Sized> {
+pub(crate) struct Route<T: ?Sized> {
     prefix: String,
     replacement: Option<String>,
     backend: Arc<T>,
@@ -184,7 +196,16 @@ impl<T: ?Sized> Routes<T> {
 
     /// The backend for `digest` and the digest as that backend must see it.
     fn route(&self, digest: &Digest) -> Result<(&Arc<T>, Digest)> {
-        let instance = digest.instance_name();
+        let (r, instance) = self.route_name(digest.instance_name())?;
+        let digest = match instance {
+            Some(to) => digest.with_instance_name(&to),
+            None => digest.clone(),
+        };
+        Ok((&r.backend, digest))
+    }
+
+    /// The route of `instance` and, if it renames it, the name its backend sees.
+    fn route_name(&self, instance: &str) -> Result<(&Route<T>, Option<String>)> {
         let Some(r) = self.routes.iter().find(|r| has_prefix(instance, &r.prefix)) else {
             let known: Vec<String> = self
                 .routes
@@ -197,11 +218,11 @@ impl<T: ?Sized> Routes<T> {
             ))
             .with_backend(&self.name));
         };
-        let digest = match &r.replacement {
-            Some(to) => digest.with_instance_name(&replace_prefix(instance, &r.prefix, to)),
-            None => digest.clone(),
-        };
-        Ok((&r.backend, digest))
+        let renamed = r
+            .replacement
+            .as_ref()
+            .map(|to| replace_prefix(instance, &r.prefix, to));
+        Ok((r, renamed))
     }
 }
 

@@ -10,6 +10,10 @@
 //! away) is `debug`, everything else `error`.
 
 use blob_access::action_cache::{ActionCache, ActionResult};
+use blob_access::execution::{
+    ExecuteRequest, Execution, ExecutionCapabilities, ListOperationsRequest,
+    ListOperationsResponse, Operation, OperationStream,
+};
 use blob_access::node::Counters;
 use blob_access::{
     BlobAccess, BlobStream, BuildContext, BuildNode, ChildNodes, Code, Digest, Error, NodeMetrics,
@@ -139,6 +143,12 @@ impl<N: BuildNode> BuildNode for ErrorLoggingConfig<N> {
         let node = ErrorLogging::new(ctx.path(), backend, levels, self.default_level);
         Ok(Arc::new(node))
     }
+
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn Execution>> {
+        let backend = self.backend.build_execution(&ctx.child("backend"))?;
+        let node = ErrorLogging::new(ctx.path(), backend, self.levels(), self.default_level);
+        Ok(Arc::new(node))
+    }
 }
 
 impl<N> ChildNodes<N> for ErrorLoggingConfig<N> {
@@ -162,11 +172,16 @@ struct Logger {
 
 impl Logger {
     fn log(&self, op: &str, digest: Option<&Digest>, started: Instant, e: &Error) {
+        let digest = digest.map(|d| d.to_string()).unwrap_or_default();
+        self.log_about(op, &digest, started, e)
+    }
+
+    /// Logs a failed call about `digest` (a blob, an action or an operation's name).
+    fn log_about(&self, op: &str, digest: &str, started: Instant, e: &Error) {
         self.counters.inc("errors");
         let level = StatusCode::of(e.code())
             .and_then(|c| self.levels.get(&c).copied())
             .unwrap_or(self.default_level);
-        let digest = digest.map(|d| d.to_string()).unwrap_or_default();
         let ms = started.elapsed().as_millis() as u64;
         let code = format!("{:?}", e.code());
         macro_rules! emit {
@@ -278,6 +293,77 @@ impl ActionCache for ErrorLogging<dyn ActionCache> {
 
     async fn update_enabled(&self) -> bool {
         self.backend.update_enabled().await
+    }
+
+    fn metrics(&self, out: &mut Vec<NodeMetrics>) {
+        out.push(self.log.counters.snapshot(&self.log.path, "error_logging"));
+        self.backend.metrics(out);
+    }
+}
+
+impl ErrorLogging<dyn Execution> {
+    /// `stream`, its failure logged as `op` about `about`.
+    fn logged(&self, op: &'static str, about: String, stream: OperationStream) -> OperationStream {
+        let (log, started) = (self.log.clone(), Instant::now());
+        stream
+            .inspect(move |item| {
+                if let Err(e) = item {
+                    log.log_about(op, &about, started, e);
+                }
+            })
+            .boxed()
+    }
+
+    /// `result`, its failure logged as `op` about `about`.
+    fn checked<T>(&self, op: &str, about: &str, started: Instant, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.log.log_about(op, about, started, e);
+        }
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Execution for ErrorLogging<dyn Execution> {
+    fn execute(&self, request: ExecuteRequest) -> OperationStream {
+        let action = request
+            .action_digest
+            .as_ref()
+            .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+            .unwrap_or_default();
+        self.logged("execute", action, self.backend.execute(request))
+    }
+
+    fn wait_execution(&self, name: &str) -> OperationStream {
+        let stream = self.backend.wait_execution(name);
+        self.logged("wait_execution", name.to_string(), stream)
+    }
+
+    async fn get_operation(&self, name: &str) -> Result<Operation> {
+        let started = Instant::now();
+        let result = self.backend.get_operation(name).await;
+        self.checked("get_operation", name, started, result)
+    }
+
+    async fn cancel_operation(&self, name: &str) -> Result<()> {
+        let started = Instant::now();
+        let result = self.backend.cancel_operation(name).await;
+        self.checked("cancel_operation", name, started, result)
+    }
+
+    async fn list_operations(
+        &self,
+        request: ListOperationsRequest,
+    ) -> Result<ListOperationsResponse> {
+        let (started, about) = (Instant::now(), request.name.clone());
+        let result = self.backend.list_operations(request).await;
+        self.checked("list_operations", &about, started, result)
+    }
+
+    async fn capabilities(&self, instance_name: &str) -> Result<Option<ExecutionCapabilities>> {
+        let started = Instant::now();
+        let result = self.backend.capabilities(instance_name).await;
+        self.checked("capabilities", instance_name, started, result)
     }
 
     fn metrics(&self, out: &mut Vec<NodeMetrics>) {

@@ -10,13 +10,15 @@
 //! Existence checks and small blobs go through a `grpc` node inside this one,
 //! coalesced into batch calls that are retried when cut ([`unary`]). In an
 //! action cache tree, calls are retried the same way
-//! ([`ResumableGrpcActionCache`]).
+//! ([`ResumableGrpcActionCache`]); in an execution tree, a cut Execute
+//! stream goes on with WaitExecution ([`ResumableGrpcExecution`]).
 
 mod action_cache;
 mod attempt;
 mod budget;
 mod cas_calls;
 mod channels;
+mod execution;
 mod observe;
 mod opener;
 mod reader;
@@ -30,6 +32,7 @@ mod zstd_decode;
 pub use action_cache::ResumableGrpcActionCache;
 pub use attempt::{AttemptRequest, AttemptStream, ReadOpener};
 pub use channels::Channels;
+pub use execution::{ResumableGrpcExecution, DEFAULT_EXECUTION_STALL_TIMEOUT};
 pub use observe::{Observed, ObservingChannel};
 pub use opener::ByteStreamOpener;
 pub use reader::COUNTERS;
@@ -83,6 +86,12 @@ pub struct ResumableGrpcConfig {
     /// upload fails. Default 16MiB.
     #[serde(default = "default_replay_window")]
     pub write_replay_window: ByteSize,
+    /// In an execution tree: an Execute or WaitExecution stream that brings
+    /// no update for this long is resumed with WaitExecution on a fresh
+    /// connection. Servers repeat an operation's state every minute or so
+    /// while it runs, so a quiet long action is not cut. Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_stall_timeout: Option<Duration>,
 }
 
 fn default_replay_window() -> ByteSize {
@@ -153,6 +162,19 @@ impl BuildNode for ResumableGrpcConfig {
             plain,
             self.policy(),
         )))
+    }
+
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn blob_access::Execution>> {
+        let conn = GrpcConnection::new(ctx.path(), &self.grpc_with_keepalive())?;
+        let stall = self
+            .execution_stall_timeout
+            .map_or(DEFAULT_EXECUTION_STALL_TIMEOUT, Duration::get);
+        let policy = RetryPolicy {
+            stall_timeout: stall,
+            ..self.policy()
+        };
+        let plain = blob_access::grpc::GrpcExecution::new(conn);
+        Ok(Arc::new(ResumableGrpcExecution::new(plain, policy)))
     }
 }
 

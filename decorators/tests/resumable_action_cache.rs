@@ -7,7 +7,6 @@
 mod common;
 
 use blob_access::action_cache::{ActionCache, ActionResult, GrpcActionCache};
-use blob_access::chaos::{Faults, Kill, Proxy};
 use blob_access::grpc::{GrpcConfig, GrpcConnection, Headers};
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
 use blob_access::proto::action_cache_server::{self, ActionCacheServer};
@@ -16,9 +15,10 @@ use blob_access::proto::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetActionResultRequest,
     GetCapabilitiesRequest, ServerCapabilities, UpdateActionResultRequest,
 };
-use blob_access::server::{serve_tcp, ServerConfig};
 use blob_access::{BuildContext, Code, Digest, DigestFunction, Storage};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use blob_access_decorators::resumable_grpc::{ResumableGrpcActionCache, RetryPolicy};
+use blob_access_server::{serve_tcp, ServerConfig};
 use common::ac::ac_counter;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -6,9 +6,9 @@
 
 mod faults;
 
-use blob_access::chaos::{Faults, Kill, Proxy};
 use blob_access::grpc::{GrpcBlobAccess, GrpcConfig, GrpcConnection};
 use blob_access::{BlobAccess, Code, Digest, Error, Reopen};
+use blob_access_chaos::{Faults, Kill, Proxy};
 use blob_access_decorators::resumable_grpc::{ResumableGrpcBlobAccess, RetryPolicy};
 use faults::server::{FaultServer, Options, WriteFault};
 use faults::test_blob;

@@ -3,10 +3,10 @@
 //! connection, as a reloading load balancer does; a plain read fails and a
 //! `resumable_grpc` read (examples/demo.yaml) completes, verified.
 
-use blob_access::chaos::{Faults, Kill, Proxy};
 use blob_access::memory::MemoryBlobAccess;
-use blob_access::server::{self, ServerConfig};
 use blob_access::{BlobAccess, BuildContext, Digest, NodeMetrics, ReadRange};
+use blob_access_chaos::{Faults, Kill, Proxy};
+use blob_access_server::{self as server, ServerConfig};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::process::ExitCode;

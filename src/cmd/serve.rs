@@ -3,8 +3,8 @@
 //! logging) without a code change.
 
 use blob_access::metrics::{CallMetrics, NodeCounters};
-use blob_access::server::{self, Auth, ServerConfig, ServerTls, Tokens};
 use blob_access::BuildContext;
+use blob_access_server::{self as server, Auth, ServerConfig, ServerTls, Tokens};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ pub struct ServeOptions {
 }
 
 /// Limits against clients that hold resources without using them (see
-/// `blob_access::server::ServerConfig` for what each enforces).
+/// `blob_access_server::ServerConfig` for what each enforces).
 #[derive(clap::Args, Clone, Debug)]
 pub struct Limits {
     /// Largest gRPC message accepted or sent; a larger one is refused from its
@@ -113,10 +113,14 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         }
     };
     let storage = config.build(&ctx).map_err(|e| format!("{source}: {e}"))?;
-    let what = match &storage.action_cache {
+    let cache = match &storage.action_cache {
         Some(_) if opts.action_cache_read_only => "REAPI CAS and read-only ActionCache",
         Some(_) => "REAPI CAS and ActionCache",
         None => "REAPI CAS (no action cache)",
+    };
+    let what = match &storage.execution {
+        Some(_) => format!("{cache}, Execution"),
+        None => cache.to_string(),
     };
     if storage.action_cache.is_none() {
         // Bazel then fails every build that uploads results (its default).
@@ -128,7 +132,8 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
     // Dropped (and so stopped) when serving ends.
     let _metrics = match metrics_listen {
         Some(addr) => {
-            let counters = NodeCounters::new(storage.cas.clone(), storage.action_cache.clone());
+            let counters = NodeCounters::new(storage.cas.clone(), storage.action_cache.clone())
+                .with_execution(storage.execution.clone());
             registry.register_collector(Box::new(counters));
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

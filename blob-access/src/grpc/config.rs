@@ -171,6 +171,11 @@ impl BuildNode for GrpcConfig {
         let conn = super::GrpcConnection::new(ctx.path(), self)?;
         Ok(Arc::new(GrpcActionCache::new(conn)))
     }
+
+    fn build_execution(&self, ctx: &BuildContext) -> Result<Arc<dyn crate::Execution>> {
+        let conn = super::GrpcConnection::new(ctx.path(), self)?;
+        Ok(Arc::new(super::GrpcExecution::new(conn)))
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 pub mod frame_proxy;
 pub mod h2_server;
 #[allow(unused_imports)]
-pub use blob_access::chaos as proxy;
+pub use blob_access_chaos as proxy;
 pub mod scripted;
 pub mod server;
 

@@ -5,8 +5,8 @@
 mod server_support;
 
 use blob_access::proto::{Directory, DirectoryNode, FileNode, GetTreeRequest};
-use blob_access::server::ServerConfig;
 use blob_access::{util, BlobAccess, Code, Digest};
+use blob_access_server::ServerConfig;
 use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;

@@ -10,8 +10,8 @@ use blob_access::proto::content_addressable_storage_server::{
     ContentAddressableStorage, ContentAddressableStorageServer,
 };
 use blob_access::proto::*;
-use blob_access::server::ServerConfig;
 use blob_access::{util, BlobAccess, BlobStream, Code, Digest, Error, NodeMetrics, ReadRange};
+use blob_access_server::ServerConfig;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use server_support::*;

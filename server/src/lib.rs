@@ -8,7 +8,7 @@
 //! `put` through a small channel, so memory does not grow with blob size.
 //!
 //! Instance names: by default every instance name is accepted and passed to the
-//! tree on every digest of the request ([`Digest::instance_name`](crate::Digest::instance_name)):
+//! tree on every digest of the request ([`Digest::instance_name`](blob_access::Digest::instance_name)):
 //! ByteStream resource names, the CAS calls, GetTree and the action cache (whose
 //! `completeness_checking` looks for an action's outputs under its name). Most
 //! nodes ignore it, so a proxy in front of one tree serves clients configured
@@ -19,7 +19,7 @@
 //!
 //! ```no_run
 //! use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
-//! use blob_access::server::{self, Storage};
+//! use blob_access_server::{self as server, Storage};
 //! use std::sync::Arc;
 //! # async fn run() -> blob_access::Result<()> {
 //! // A remote cache for Bazel & co: a CAS and an action cache, in memory.
@@ -37,6 +37,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod empty_blob;
+mod execution;
 mod get_tree;
 mod limits;
 mod read_route;
@@ -45,9 +46,9 @@ mod tls;
 mod upload;
 mod zstd_stream;
 
-pub use crate::Storage;
-use crate::{ActionCache, BlobAccess, Error, Result};
 pub use auth::{Auth, Grant, Permission, Tokens};
+pub use blob_access::Storage;
+use blob_access::{ActionCache, BlobAccess, Error, Result};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -145,6 +146,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 struct Shared {
     backend: Arc<dyn BlobAccess>,
     action_cache: Option<Arc<dyn ActionCache>>,
+    execution: Option<Arc<dyn blob_access::Execution>>,
     cfg: Arc<ServerConfig>,
     kill: watch::Receiver<bool>,
     uploads: Arc<limits::UploadSlots>,
@@ -188,7 +190,7 @@ impl Shared {
 fn check_digest_function(value: i32) -> Result<(), Status> {
     match value {
         0 => Ok(()),
-        v if v == crate::DigestFunction::Sha256.to_proto() => Ok(()),
+        v if v == blob_access::DigestFunction::Sha256.to_proto() => Ok(()),
         v => Err(Status::invalid_argument(format!(
             "digest function {v} is not supported; this server only serves SHA256"
         ))),
@@ -199,7 +201,8 @@ fn status_shutting_down() -> Status {
     Status::unavailable("server is shutting down; transfer aborted after the grace period")
 }
 
-/// The four services, ready to add to a `tonic` server (e.g. next to others).
+/// The services (CAS, ByteStream, ActionCache, Execution, Operations,
+/// Capabilities), ready to add to a `tonic` server (e.g. next to others).
 /// Transfers started through these routes are never cut by a shutdown grace period;
 /// [`serve_tcp`] and [`serve_unix`] do that.
 pub fn services(storage: impl Into<Storage>, cfg: ServerConfig) -> Routes {
@@ -212,6 +215,7 @@ impl Shared {
         Shared {
             backend: Arc::new(empty_blob::EmptyBlobAlwaysPresent(storage.cas)),
             action_cache: storage.action_cache,
+            execution: storage.execution,
             uploads: limits::UploadSlots::new(cfg.max_uploads_per_connection),
             cfg: Arc::new(cfg),
             kill,
@@ -220,17 +224,21 @@ impl Shared {
 }
 
 /// The services [`routes`] serves, by their gRPC names (as the health service knows them).
-const SERVICE_NAMES: [&str; 4] = [
+const SERVICE_NAMES: [&str; 6] = [
     "build.bazel.remote.execution.v2.ContentAddressableStorage",
     "google.bytestream.ByteStream",
     "build.bazel.remote.execution.v2.ActionCache",
     "build.bazel.remote.execution.v2.Capabilities",
+    "build.bazel.remote.execution.v2.Execution",
+    "google.longrunning.Operations",
 ];
 
 fn routes(shared: Shared) -> Routes {
-    use crate::proto::action_cache_server::ActionCacheServer;
-    use crate::proto::capabilities_server::CapabilitiesServer;
-    use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+    use blob_access::execution::longrunning_proto::operations_server::OperationsServer;
+    use blob_access::proto::action_cache_server::ActionCacheServer;
+    use blob_access::proto::capabilities_server::CapabilitiesServer;
+    use blob_access::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+    use blob_access::proto::execution_server::ExecutionServer;
     let max = shared.cfg.max_message_size;
     let cas = ContentAddressableStorageServer::new(cas::Cas(shared.clone()))
         .max_decoding_message_size(max)
@@ -240,10 +248,18 @@ fn routes(shared: Shared) -> Routes {
     let ac = ActionCacheServer::new(action_cache::ActionCacheService(shared.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let execution = ExecutionServer::new(execution::ExecutionService(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let operations = OperationsServer::new(execution::OperationsService(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let caps = CapabilitiesServer::new(capabilities::Capabilities(shared));
     Routes::new(cas)
         .add_service(bytestream)
         .add_service(ac)
+        .add_service(execution)
+        .add_service(operations)
         .add_service(caps)
 }
 
@@ -409,7 +425,7 @@ where
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let transport = |e: tonic::transport::Error| {
-        Error::unavailable(format!("serving: {}", crate::error::error_chain(&e)))
+        Error::unavailable(format!("serving: {}", blob_access::error::error_chain(&e)))
     };
     tokio::select! {
         biased;
@@ -440,10 +456,12 @@ mod tests {
 
     #[test]
     fn health_knows_the_services_by_their_grpc_names() {
-        use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
-        use crate::proto::action_cache_server::ActionCacheServer;
-        use crate::proto::capabilities_server::CapabilitiesServer;
-        use crate::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+        use blob_access::bytestream_proto::byte_stream_server::ByteStreamServer;
+        use blob_access::execution::longrunning_proto::operations_server::OperationsServer;
+        use blob_access::proto::action_cache_server::ActionCacheServer;
+        use blob_access::proto::capabilities_server::CapabilitiesServer;
+        use blob_access::proto::content_addressable_storage_server::ContentAddressableStorageServer;
+        use blob_access::proto::execution_server::ExecutionServer;
         assert_eq!(
             SERVICE_NAMES,
             [
@@ -451,6 +469,8 @@ mod tests {
                 <ByteStreamServer<bytestream::ByteStream> as NamedService>::NAME,
                 <ActionCacheServer<action_cache::ActionCacheService> as NamedService>::NAME,
                 <CapabilitiesServer<capabilities::Capabilities> as NamedService>::NAME,
+                <ExecutionServer<execution::ExecutionService> as NamedService>::NAME,
+                <OperationsServer<execution::OperationsService> as NamedService>::NAME,
             ]
         );
     }

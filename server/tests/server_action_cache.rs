@@ -9,8 +9,8 @@ use blob_access::proto::action_cache_client::ActionCacheClient;
 use blob_access::proto::{
     ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
 };
-use blob_access::server::ServerConfig;
 use blob_access::{Code, Digest, Storage};
+use blob_access_server::ServerConfig;
 use server_support::*;
 use std::sync::Arc;
 use tonic::transport::Channel;

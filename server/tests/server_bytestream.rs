@@ -3,8 +3,8 @@
 mod server_support;
 
 use blob_access::bytestream_proto::{QueryWriteStatusRequest, ReadRequest};
-use blob_access::server::ServerConfig;
 use blob_access::{util, BlobAccess, Code, Digest};
+use blob_access_server::ServerConfig;
 use server_support::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

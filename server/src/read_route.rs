@@ -4,9 +4,9 @@
 //! QueryWriteStatus go to the generated server unchanged.
 
 use super::bytestream::{ByteStream, ChunkStream};
-use crate::bytestream_proto::byte_stream_server::ByteStreamServer;
-use crate::bytestream_proto::ReadRequest;
-use crate::read_chunk::{ReadChunk, READ_PATH};
+use blob_access::bytestream_proto::byte_stream_server::ByteStreamServer;
+use blob_access::bytestream_proto::ReadRequest;
+use blob_access::read_chunk::{ReadChunk, READ_PATH};
 use futures::future::BoxFuture;
 use std::convert::Infallible;
 use std::sync::Arc;

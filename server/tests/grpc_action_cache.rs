@@ -8,8 +8,8 @@ use blob_access::action_cache::{ActionCache, GrpcActionCache};
 use blob_access::grpc::{GrpcConfig, GrpcConnection};
 use blob_access::memory::{MemoryActionCache, MemoryBlobAccess};
 use blob_access::proto::{ActionResult, OutputFile};
-use blob_access::server::ServerConfig;
 use blob_access::{Code, Digest, NodeMetrics, Storage};
+use blob_access_server::ServerConfig;
 use server_support::*;
 use std::sync::Arc;
 

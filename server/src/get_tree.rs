@@ -14,8 +14,8 @@
 
 use super::cas::parse_digest_in;
 use super::{check_digest_function, Shared};
-use crate::proto::{Directory, GetTreeRequest, GetTreeResponse};
-use crate::{util, Code, Digest, ReadRange};
+use blob_access::proto::{Directory, GetTreeRequest, GetTreeResponse};
+use blob_access::{util, Code, Digest, ReadRange};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use prost::Message;

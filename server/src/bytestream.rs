@@ -7,14 +7,14 @@ use super::rechunk::rechunk;
 use super::upload::{early_committed_size, upload};
 use super::zstd_stream;
 use super::{status_shutting_down, Permission, Shared};
-use crate::bytestream_proto::byte_stream_server;
-use crate::bytestream_proto::{
+use blob_access::bytestream_proto::byte_stream_server;
+use blob_access::bytestream_proto::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse,
 };
-use crate::read_chunk::ReadChunk;
-use crate::resource::{Compressor, ReadResource, WriteResource};
-use crate::{BlobStream, Digest, ReadRange};
+use blob_access::read_chunk::ReadChunk;
+use blob_access::resource::{Compressor, ReadResource, WriteResource};
+use blob_access::{BlobStream, Digest, ReadRange};
 use futures::stream::BoxStream;
 use futures::{Future, StreamExt, TryStreamExt};
 use std::pin::Pin;
@@ -63,10 +63,10 @@ fn read_range(req: &ReadRequest, res: &ReadResource) -> Result<ReadRange, Status
 }
 
 /// Ends `messages` with UNAVAILABLE once `killed` resolves.
-fn until_killed(
-    messages: ChunkStream,
+pub(super) fn until_killed<T: Send + 'static>(
+    messages: futures::stream::BoxStream<'static, Result<T, Status>>,
     killed: impl Future<Output = ()> + Send + 'static,
-) -> ChunkStream {
+) -> futures::stream::BoxStream<'static, Result<T, Status>> {
     let killed: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(killed);
     futures::stream::unfold(Some((messages, killed)), |state| async move {
         let (mut messages, mut killed) = state?;

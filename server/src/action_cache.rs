@@ -4,10 +4,10 @@
 
 use super::cas::parse_digest;
 use super::{check_digest_function, Permission, Shared};
-use crate::action_cache::ActionCache;
-use crate::proto::action_cache_server;
-use crate::proto::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
-use crate::Digest;
+use blob_access::action_cache::ActionCache;
+use blob_access::proto::action_cache_server;
+use blob_access::proto::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use blob_access::Digest;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -30,7 +30,7 @@ impl ActionCacheService {
         needed: Permission,
         instance_name: &str,
         digest_function: i32,
-        digest: Option<&crate::proto::Digest>,
+        digest: Option<&blob_access::proto::Digest>,
     ) -> Result<(&Arc<dyn ActionCache>, Digest), Status> {
         let tree = self.tree()?;
         self.0.check_instance(instance_name, extensions, needed)?;
@@ -44,7 +44,7 @@ impl ActionCacheService {
 /// Every digest an action result names must be well formed, or clients that
 /// later read it would fail on our data.
 fn check_digests(result: &ActionResult) -> Result<(), Status> {
-    let named = |field: String, d: Option<&crate::proto::Digest>| {
+    let named = |field: String, d: Option<&blob_access::proto::Digest>| {
         parse_digest(d).map_err(|s| {
             Status::invalid_argument(format!("action_result.{field}: {}", s.message()))
         })
@@ -58,7 +58,7 @@ fn check_digests(result: &ActionResult) -> Result<(), Status> {
         Ok(())
     };
     // Inlined bytes are served as they are: they must be what their digest says.
-    let inlined = |field: String, data: &[u8], d: &crate::proto::Digest| {
+    let inlined = |field: String, data: &[u8], d: &blob_access::proto::Digest| {
         let digest = Digest::of(data);
         if !data.is_empty()
             && (digest.hash() != d.hash || digest.size_bytes() as i64 != d.size_bytes)

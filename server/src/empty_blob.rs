@@ -5,7 +5,7 @@
 //! that only stores what it was sent. This wrapper, under every CAS call of
 //! `serve`, answers for it whatever the tree behind holds.
 
-use crate::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Reopen, Result};
+use blob_access::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Reopen, Result};
 use futures::StreamExt;
 use std::sync::Arc;
 

@@ -2,8 +2,9 @@
 //! blob gets its own status so one bad blob does not fail its neighbours.
 
 use super::{check_digest_function, Permission, Shared};
-use crate::proto::content_addressable_storage_server::ContentAddressableStorage;
-use crate::proto::{
+use bazel_remote_apis::google::rpc;
+use blob_access::proto::content_addressable_storage_server::ContentAddressableStorage;
+use blob_access::proto::{
     batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
     BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
@@ -11,8 +12,7 @@ use crate::proto::{
     RegisterChunkMappingRequest, RegisterChunkMappingResponse, SpliceBlobRequest,
     SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
 };
-use crate::{util, Code, Digest, DigestFunction, Error, ReadRange};
-use bazel_remote_apis::google::rpc;
+use blob_access::{util, Code, Digest, DigestFunction, Error, ReadRange};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -23,7 +23,7 @@ const BATCH_CONCURRENCY: usize = 16;
 
 pub(super) struct Cas(pub(super) Shared);
 
-pub(super) fn parse_digest(d: Option<&crate::proto::Digest>) -> Result<Digest, Status> {
+pub(super) fn parse_digest(d: Option<&blob_access::proto::Digest>) -> Result<Digest, Status> {
     let d = d.ok_or_else(|| Status::invalid_argument("a digest is missing"))?;
     Digest::from_proto(DigestFunction::Sha256, d)
         .map_err(|e| Status::invalid_argument(format!("digest {}/{}: {e}", d.hash, d.size_bytes)))
@@ -32,7 +32,7 @@ pub(super) fn parse_digest(d: Option<&crate::proto::Digest>) -> Result<Digest, S
 /// A request's digest, under the request's instance name (for the tree).
 pub(super) fn parse_digest_in(
     instance_name: &str,
-    d: Option<&crate::proto::Digest>,
+    d: Option<&blob_access::proto::Digest>,
 ) -> Result<Digest, Status> {
     Ok(parse_digest(d)?.with_instance_name(instance_name))
 }
@@ -109,7 +109,7 @@ impl Cas {
     async fn read_one(
         &self,
         instance_name: &str,
-        d: crate::proto::Digest,
+        d: blob_access::proto::Digest,
     ) -> batch_read_blobs_response::Response {
         let result = match parse_digest_in(instance_name, Some(&d)) {
             Ok(digest) => {

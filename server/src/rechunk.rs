@@ -4,7 +4,7 @@
 //! does not turn into tiny gRPC messages. Nothing waits to fill a message: when
 //! the source has nothing ready, what was gathered goes out.
 
-use crate::{BlobStream, Result};
+use blob_access::{BlobStream, Result};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use std::pin::Pin;
@@ -36,7 +36,7 @@ struct Rechunk {
     /// Small chunks being merged.
     buf: BytesMut,
     /// An error from `inner`, delivered after the bytes gathered before it.
-    error: Option<crate::Error>,
+    error: Option<blob_access::Error>,
     done: bool,
 }
 
@@ -94,7 +94,7 @@ impl Stream for Rechunk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Code, Error};
+    use blob_access::{Code, Error};
     use futures::stream;
 
     fn sizes(items: &[Result<Bytes>]) -> Vec<usize> {

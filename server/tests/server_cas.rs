@@ -7,8 +7,8 @@ use blob_access::proto::{
     batch_update_blobs_request, compressor, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     FindMissingBlobsRequest, GetCapabilitiesRequest,
 };
-use blob_access::server::ServerConfig;
 use blob_access::{util, BlobAccess, Code};
+use blob_access_server::ServerConfig;
 use server_support::*;
 
 fn code_of(s: &Option<bazel_remote_apis::google::rpc::Status>) -> Code {

@@ -1,13 +1,14 @@
 //! Capabilities: what a client may expect of this server (SHA-256, zstd, the
-//! batch limit, whether action results may be uploaded; no execution).
+//! batch limit, whether action results may be uploaded) and, with an
+//! execution tree, the remote's execution capabilities.
 
 use super::Shared;
-use crate::proto::capabilities_server;
-use crate::proto::{
-    compressor, digest_function, symlink_absolute_path_strategy, ActionCacheUpdateCapabilities,
-    CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
-};
 use bazel_remote_apis::build::bazel::semver::SemVer;
+use blob_access::proto::capabilities_server;
+use blob_access::proto::{
+    compressor, digest_function, symlink_absolute_path_strategy, ActionCacheUpdateCapabilities,
+    CacheCapabilities, ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
+};
 use tonic::{Request, Response, Status};
 
 pub(super) struct Capabilities(pub(super) Shared);
@@ -60,12 +61,43 @@ impl capabilities_server::Capabilities for Capabilities {
             splice_blob_support: false,
             ..Default::default()
         };
+        let execution = match &self.0.execution {
+            Some(tree) => Some(execution_capabilities(&**tree, instance_name).await),
+            None => None,
+        };
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(cache),
-            execution_capabilities: None,
+            execution_capabilities: execution,
             deprecated_api_version: None,
             low_api_version: version(2, 0),
             high_api_version: version(2, 3),
         }))
+    }
+}
+
+/// The remote's execution capabilities, with this server's digest function.
+/// A remote that cannot be asked now is reported as executing (the config
+/// says it does): its Execute calls then say what is wrong, where a client
+/// told "no execution" would refuse to start.
+async fn execution_capabilities(
+    tree: &dyn blob_access::Execution,
+    instance_name: &str,
+) -> ExecutionCapabilities {
+    let sha256 = digest_function::Value::Sha256 as i32;
+    let remote = match tree.capabilities(instance_name).await {
+        Ok(Some(caps)) => caps,
+        Ok(None) => return ExecutionCapabilities::default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not ask the execution service for its capabilities");
+            ExecutionCapabilities {
+                exec_enabled: true,
+                ..Default::default()
+            }
+        }
+    };
+    ExecutionCapabilities {
+        digest_function: sha256,
+        digest_functions: vec![sha256],
+        ..remote
     }
 }

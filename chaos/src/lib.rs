@@ -2,9 +2,10 @@
 //! after N bytes towards the client or after T, it either resets both sides
 //! (RST, through SO_LINGER 0) or closes them (FIN). Used by `blob-access demo`,
 //! the benchmarks and the fault-injection tests to cut streams on demand.
+//! [`fake_execution`] is an Execution server whose quirks tests choose.
 //!
 //! ```
-//! use blob_access::chaos::{Faults, Kill, Proxy};
+//! use blob_access_chaos::{Faults, Kill, Proxy};
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let upstream = "127.0.0.1:1".parse().unwrap();
 //! let every_100ms = Faults::time(Kill::Rst, std::time::Duration::from_millis(100));
@@ -12,6 +13,8 @@
 //! assert!(proxy.endpoint().starts_with("grpc://127.0.0.1:"));
 //! # });
 //! ```
+
+pub mod fake_execution;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! bounded pieces, so neither side ever holds a whole blob (a small compressed
 //! message that inflates to gigabytes still comes out in small pieces).
 
-use crate::{BlobStream, Error, Result};
+use blob_access::{BlobStream, Error, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
@@ -20,7 +20,7 @@ fn compress_error(e: std::io::Error) -> Error {
 pub(super) fn compress(input: BlobStream, level: i32) -> BlobStream {
     let encoder = match Encoder::new(level) {
         Ok(e) => e,
-        Err(e) => return crate::util::failed(compress_error(e)),
+        Err(e) => return blob_access::util::failed(compress_error(e)),
     };
     futures::stream::unfold(Some((input, encoder)), |state| async move {
         let (mut input, mut encoder) = state?;
@@ -184,7 +184,7 @@ mod tests {
         let out: Vec<Result<Bytes>> = compress(stream::iter(items).boxed(), 1).collect().await;
         assert_eq!(
             out.last().unwrap().as_ref().unwrap_err().code(),
-            crate::Code::Unavailable
+            blob_access::Code::Unavailable
         );
     }
 
@@ -195,6 +195,6 @@ mod tests {
         let err = decompress_all(&frame[..frame.len() - 3], 10)
             .await
             .unwrap_err();
-        assert_eq!(err.code(), crate::Code::InvalidArgument);
+        assert_eq!(err.code(), blob_access::Code::InvalidArgument);
     }
 }

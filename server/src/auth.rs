@@ -9,8 +9,8 @@
 //! Tokens are kept only as SHA-256 hashes and compared in constant time; no
 //! token ever appears in a log line, an error message or `Debug` output.
 
-use crate::instance_name::has_prefix;
-use crate::{Error, Result};
+use blob_access::instance_name::has_prefix;
+use blob_access::{Error, Result};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::path::Path;
@@ -33,6 +33,10 @@ const WRITE_METHODS: &[&str] = &[
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob",
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/RegisterChunkMapping",
     "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult",
+    // An execution writes its result to the action cache.
+    "/build.bazel.remote.execution.v2.Execution/Execute",
+    "/google.longrunning.Operations/CancelOperation",
+    "/google.longrunning.Operations/DeleteOperation",
 ];
 
 /// Services anyone may call: a load balancer's health checks carry no token.

@@ -5,9 +5,9 @@
 use super::bytestream::invalid;
 use super::cas::upload_status;
 use super::zstd_stream::Decompressor;
-use crate::bytestream_proto::WriteRequest;
-use crate::resource::{Compressor, WriteResource};
-use crate::{BlobAccess, BlobStream, Error};
+use blob_access::bytestream_proto::WriteRequest;
+use blob_access::resource::{Compressor, WriteResource};
+use blob_access::{BlobAccess, BlobStream, Error};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -20,7 +20,7 @@ const UPLOAD_QUEUE: usize = 4;
 /// goes out once the client finished the write: an abandoned upload is never
 /// complete, hence never stored.
 struct Feed {
-    tx: mpsc::Sender<crate::Result<Bytes>>,
+    tx: mpsc::Sender<blob_access::Result<Bytes>>,
     held: Option<Bytes>,
 }
 

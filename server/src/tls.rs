@@ -5,7 +5,7 @@
 //! Handshakes run concurrently, each with a time limit, so a client that
 //! connects and sends nothing holds up nobody else.
 
-use crate::{Error, Result};
+use blob_access::{Error, Result};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
