@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need: nginx and HAProxy (as gRPC proxies, run unprivileged
 # per test by scripts/nginx.sh and scripts/haproxy.sh), Bazel 4.2.3 (a real REAPI client, run by
-# tests/support/bazel.rs) and BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh)
-# in a Python venv at target/venv. Idempotent: a second run only checks and exits in ~1 s.
+# tests/support/bazel.rs), BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh and,
+# with execution, by scripts/buildgrid-exec.sh) in a Python venv at target/venv, and PostgreSQL
+# (for buildgrid-exec.sh's scheduler). Idempotent: a second run only checks and exits in ~1 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."   # everything below is relative to the repo root
 
@@ -65,6 +66,16 @@ else
     echo "setup-test-env: bazel already installed ($v)"
 fi
 
+# PostgreSQL: BuildGrid's execution scheduler is SQL only and refuses sqlite, so
+# scripts/buildgrid-exec.sh runs a private cluster per test DIR (initdb + postgres from
+# /usr/lib/postgresql/VERSION/bin). The package's postinst would create and start the system
+# cluster "main" on port 5432; only the start is kept from happening (the idle cluster is harmless).
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    apt_install_without_service postgresql postgresql /run/postgresql/15-main.pid
+else
+    echo "setup-test-env: postgresql already installed ($(ls -d /usr/lib/postgresql/*/bin/initdb | tail -1))"
+fi
+
 # openssl makes the private CAs of the TLS tests with real clients.
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 
@@ -85,7 +96,7 @@ fi
 want=$(sha256sum "$REQS" | cut -d' ' -f1)
 # Fast path: the venv was built from this exact requirements file and still imports.
 if [ -x "$VENV/bin/bgd" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
-   "$VENV/bin/python" -c 'import buildgrid, grpc' 2>/dev/null; then
+   "$VENV/bin/python" -c 'import buildgrid, grpc, psycopg2' 2>/dev/null; then
     echo "setup-test-env: $VENV already has buildgrid ($REQS unchanged)"
 else
     echo "setup-test-env: creating $VENV with $($PY --version) and installing $REQS"
@@ -97,6 +108,7 @@ else
     "$VENV/bin/bgd" --help >/dev/null
     "$VENV/bin/bgd" server start --help >/dev/null
     "$VENV/bin/bgd" cas --help >/dev/null
+    "$VENV/bin/python" -c 'import psycopg2' >/dev/null
     echo "$want" > "$STAMP"
 fi
 
@@ -106,4 +118,4 @@ if nginx -V 2>&1 | grep -q -- --without-http_grpc_module; then
 fi
 echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx)," \
     "haproxy at $(command -v haproxy)," \
-    "bazel at $(command -v bazel))"
+    "bazel at $(command -v bazel), postgres at $(ls -d /usr/lib/postgresql/*/bin | tail -1))"
