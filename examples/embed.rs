@@ -1,16 +1,21 @@
 //! How a Rust build tool embeds blob-access: load a config, look an action up
 //! in the action cache, upload its output and result, ask which inputs are
-//! missing, and fetch a blob with verification.
+//! missing, fetch a blob with verification and, where the config names an
+//! execution service, run an action remotely and follow it to its result.
 //!
 //! ```sh
 //! cargo run --example embed                       # the in-memory example tree
 //! cargo run --example embed -- examples/ci.yaml   # any config file
+//! cargo run --example embed -- examples/remote-execution.yaml   # with a cluster
 //! ```
 
 use blob_access::action_cache::ActionResult;
-use blob_access::proto::OutputFile;
-use blob_access::{util, BuildContext, Code, Digest, ReadRange};
+use blob_access::execution::{execute_response, stage_of, ExecuteRequest, Execution};
+use blob_access::proto::{Action, Command, Directory, FileNode, OutputFile};
+use blob_access::{util, BlobAccess, BuildContext, Code, Digest, DigestFunction, ReadRange};
 use bytes::Bytes;
+use futures::StreamExt;
+use prost::Message;
 use std::path::PathBuf;
 
 #[tokio::main]
@@ -68,5 +73,77 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = util::read_to_bytes(&*cas, &digest, ReadRange::FULL, 1 << 20).await?;
     assert_eq!(data, output);
     println!("fetched {digest}: {} bytes, verified", data.len());
+
+    match &storage.execution {
+        Some(exec) => run_remotely(&*cas, &**exec).await?,
+        None => println!(
+            "no execution tree in {}: nothing run remotely",
+            config.display()
+        ),
+    }
+    Ok(())
+}
+
+/// Uploads an action (its Command and an input root of one file) and runs it on the
+/// cluster, printing each update of its operation. With `resumable_grpc`,
+/// the stream goes on through cuts: one stream, one name, to `done`.
+async fn run_remotely(
+    cas: &dyn BlobAccess,
+    exec: &dyn Execution,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let store = |message: Bytes| async move {
+        let digest = Digest::of(&message);
+        cas.put(&digest, util::once(message)).await.map(|()| digest)
+    };
+    // The action's input root: one file, which the command reads.
+    let input = store(Bytes::from_static(b"hello from the cluster\n")).await?;
+    let root = Directory {
+        files: vec![FileNode {
+            name: "greeting.txt".into(),
+            digest: Some(input.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "cat greeting.txt".into()],
+        ..Default::default()
+    };
+    let action = Action {
+        command_digest: Some(store(command.encode_to_vec().into()).await?.to_proto()),
+        input_root_digest: Some(store(root.encode_to_vec().into()).await?.to_proto()),
+        ..Default::default()
+    };
+    let action_digest = store(action.encode_to_vec().into()).await?;
+    let mut updates = exec.execute(ExecuteRequest {
+        action_digest: Some(action_digest.to_proto()),
+        ..Default::default()
+    });
+    while let Some(op) = updates.next().await {
+        let op = op?;
+        println!("operation {}: {}", op.name, stage_of(&op));
+        if let Some(response) = execute_response(&op) {
+            if let Some(status) = response.status.filter(|s| s.code != 0) {
+                println!(
+                    "the cluster did not run it: code {}: {}",
+                    status.code, status.message
+                );
+            }
+            let result = response.result.unwrap_or_default();
+            // Small outputs may come inlined, others by digest, to fetch from the CAS.
+            let stdout = match &result.stdout_digest {
+                Some(d) => {
+                    let d = Digest::from_proto(DigestFunction::Sha256, d)?;
+                    util::read_to_bytes(cas, &d, ReadRange::FULL, 1 << 20).await?
+                }
+                None => Bytes::from(result.stdout_raw),
+            };
+            let stdout = String::from_utf8_lossy(&stdout);
+            println!(
+                "ran remotely: exit code {}, stdout {stdout:?}",
+                result.exit_code
+            );
+        }
+    }
     Ok(())
 }
