@@ -132,7 +132,7 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
         #[command(flatten)]
-        limits: cmd::serve::Limits,
+        limits: Box<cmd::serve::Limits>,
     },
 }
 
@@ -238,7 +238,7 @@ fn main() -> ExitCode {
                             key,
                             client_ca: tls_client_ca,
                         }),
-                    limits,
+                    limits: *limits,
                 };
                 cmd::serve::run(config.as_deref(), &opts).await
             }

@@ -3,8 +3,9 @@
 //! write is fed into `put` as it arrives (see `upload`).
 //! Dropping a read (the client cancelled) drops the backend stream with it.
 
+use super::parked::Found;
 use super::rechunk::rechunk;
-use super::upload::{early_committed_size, upload};
+use super::upload::{early_committed_size, feed, Fed, Session};
 use super::zstd_stream;
 use super::{status_shutting_down, Permission, Shared};
 use blob_access::bytestream_proto::byte_stream_server;
@@ -174,19 +175,64 @@ impl byte_stream_server::ByteStream for ByteStream {
             let committed_size = early_committed_size(&res);
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        if first.write_offset != 0 {
-            return Err(invalid(format!(
-                "write_offset {} at the start of a write: partial uploads are not kept, start at 0",
-                first.write_offset
-            )));
-        }
+        let (uploads, name) = (&self.0.uploads_kept, first.resource_name.clone());
+        let owner = uploads.new_owner();
+        let session = match uploads.find(&name, owner).await {
+            Found::Resume(session, committed) if first.write_offset as u64 == committed => session,
+            Found::Resume(_, committed) => {
+                // Kept for the client's next try, which asks where it stands.
+                uploads.park(&name, owner).await;
+                return Err(invalid(format!(
+                    "write_offset {} does not continue this upload, which has {committed} bytes \
+                     (ask QueryWriteStatus)",
+                    first.write_offset
+                )));
+            }
+            Found::Dropped => {
+                return Err(Status::resource_exhausted(
+                    "this upload was cut and not kept: the server keeps a bounded number and \
+                     size of cut uploads; start again at 0 under a new name",
+                ))
+            }
+            Found::None if first.write_offset != 0 => {
+                return Err(invalid(format!(
+                    "write_offset {} of an upload this server does not have (never begun, or \
+                     not resumed within the window): start at 0",
+                    first.write_offset
+                )))
+            }
+            Found::None => {
+                let session = Session::start(self.0.backend.clone(), res.clone())?;
+                uploads.add(&name, session.clone(), owner);
+                session
+            }
+        };
         let killed = self.0.killed();
-        tokio::select! {
-            r = upload(&*self.0.backend, first, stream, &res) => {
-                let committed_size = r.inspect_err(|s| tracing::debug!(digest = %res.digest, error = %s, "write failed"))?;
+        let fed = tokio::select! {
+            r = feed(&session, owner, first, &mut stream) => r,
+            () = killed => {
+                uploads.remove(&name, owner);
+                session.discard("the server is shutting down").await;
+                return Err(status_shutting_down());
+            }
+        };
+        match fed {
+            Ok(Fed::Stored(committed_size)) => {
+                uploads.remove(&name, owner);
                 Ok(Response::new(WriteResponse { committed_size }))
             }
-            () = killed => Err(status_shutting_down()),
+            Ok(Fed::Cut(s)) => {
+                uploads.park(&name, owner).await;
+                Err(s)
+            }
+            Ok(Fed::TakenOver) => Err(Status::aborted(
+                "a newer write of the same upload took it over",
+            )),
+            Err(s) => {
+                uploads.remove(&name, owner);
+                tracing::debug!(digest = %res.digest, error = %s, "write failed");
+                Err(s)
+            }
         }
     }
 
@@ -198,10 +244,22 @@ impl byte_stream_server::ByteStream for ByteStream {
         self.0
             .check_instance(&res.instance_name, request.extensions(), Permission::Read)?;
         res.digest = res.digest.with_instance_name(&res.instance_name);
-        // Partial uploads are not kept: an upload is either complete (the blob is
-        // stored) or has to start again at 0. An unknown upload is OK with 0, not
-        // the NOT_FOUND ByteStream allows: Bazel's uploader fails the upload on
-        // any QueryWriteStatus error but UNIMPLEMENTED, where 0 makes it resend.
+        // An upload in progress or kept after a cut reports what it has.
+        if let Some(committed_size) = self
+            .0
+            .uploads_kept
+            .committed(&request.get_ref().resource_name)
+            .await
+        {
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size,
+                complete: false,
+            }));
+        }
+        // Otherwise it is complete (the blob is stored) or has to start again
+        // at 0. An unknown upload is OK with 0, not the NOT_FOUND ByteStream
+        // allows: Bazel's uploader fails the upload on any QueryWriteStatus
+        // error but UNIMPLEMENTED, where 0 makes it resend.
         let missing = self
             .0
             .backend

@@ -40,6 +40,7 @@ mod empty_blob;
 mod execution;
 mod get_tree;
 mod limits;
+mod parked;
 mod read_route;
 mod rechunk;
 mod tls;
@@ -49,6 +50,7 @@ mod zstd_stream;
 pub use auth::{Auth, Grant, Permission, Tokens};
 pub use blob_access::Storage;
 use blob_access::{ActionCache, BlobAccess, Error, Result};
+pub use parked::ParkingLimits;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -101,6 +103,10 @@ pub struct ServerConfig {
     /// sending new calls before connections are closed. 0 (the default) starts
     /// closing at once.
     pub drain_delay: Duration,
+    /// How long and how many ByteStream uploads cut before `finish_write`
+    /// are kept for the client to resume them (QueryWriteStatus, then a
+    /// Write at the committed offset).
+    pub cut_uploads: ParkingLimits,
     /// Serve TLS (and, with a client CA, require client certificates signed by
     /// it) on [`serve_tcp`]; `None` (the default) serves plain HTTP/2.
     /// [`ServerTls::reload`] replaces the certificates while serving.
@@ -123,6 +129,7 @@ impl Default for ServerConfig {
             action_cache_read_only: false,
             auth: None,
             drain_delay: Duration::ZERO,
+            cut_uploads: ParkingLimits::default(),
             tls: None,
         }
     }
@@ -150,6 +157,8 @@ struct Shared {
     cfg: Arc<ServerConfig>,
     kill: watch::Receiver<bool>,
     uploads: Arc<limits::UploadSlots>,
+    /// Uploads in progress and those kept after a cut, by resource name.
+    uploads_kept: Arc<parked::Uploads>,
 }
 
 impl Shared {
@@ -217,6 +226,7 @@ impl Shared {
             action_cache: storage.action_cache,
             execution: storage.execution,
             uploads: limits::UploadSlots::new(cfg.max_uploads_per_connection),
+            uploads_kept: Arc::new(parked::Uploads::new(cfg.cut_uploads)),
             cfg: Arc::new(cfg),
             kill,
         }

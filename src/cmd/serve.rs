@@ -52,9 +52,26 @@ pub struct Limits {
     #[arg(long, default_value_t = 64, value_parser = parse_count::<usize>)]
     pub max_uploads_per_connection: usize,
     /// A request (or a new connection) that sends nothing for this long while
-    /// the server waits for it is ended; a partial upload is discarded.
+    /// the server waits for it is ended; a partial upload is kept as a cut one.
     #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub idle_timeout: std::time::Duration,
+    /// How long an upload cut before its end is kept for the client to resume
+    /// (QueryWriteStatus reports its bytes; a Write at that offset goes on);
+    /// 0 keeps none.
+    #[arg(long, default_value = "60s", value_parser = parse_window)]
+    pub upload_resume_window: std::time::Duration,
+    /// Cut uploads kept at once; past it, a cut upload is discarded and its
+    /// next Write gets RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1000, value_parser = parse_count::<usize>)]
+    pub max_kept_uploads: usize,
+    /// Bytes held by the cut uploads kept at once (memory for a `memory`
+    /// tree, temp files for `disk`), with the same effect past it.
+    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
+    pub max_kept_upload_bytes: u64,
+}
+
+fn parse_window(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -210,6 +227,11 @@ pub async fn run(config: Option<&Path>, opts: &ServeOptions) -> Result<ExitCode,
         max_concurrent_streams: limits.max_concurrent_streams,
         max_uploads_per_connection: limits.max_uploads_per_connection,
         idle_timeout: limits.idle_timeout,
+        cut_uploads: blob_access_server::ParkingLimits {
+            window: limits.upload_resume_window,
+            max_uploads: limits.max_kept_uploads,
+            max_bytes: limits.max_kept_upload_bytes,
+        },
         ..ServerConfig::default()
     };
     let result = if let Some(path) = listen.strip_prefix("unix:") {

@@ -1,0 +1,307 @@
+//! Uploads cut before `finish_write` are kept for the client to resume:
+//! QueryWriteStatus reports their bytes and a Write at that offset goes on,
+//! at any cut point, identity and zstd, also while the old stream is still
+//! attached; other offsets are refused; the window and the bounds discard
+//! them, and nothing half-written is ever stored.
+
+mod server_support;
+
+use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
+use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest, WriteResponse};
+use blob_access::{BlobAccess, Digest};
+use blob_access_server::{ParkingLimits, ServerConfig};
+use server_support::*;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn data(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if (i / 4096) % 2 == 0 {
+                x as u8
+            } else {
+                b'z'
+            }
+        })
+        .collect()
+}
+
+/// An open Write: messages go out as `send` is called; `end` ends it.
+struct Write {
+    tx: Option<mpsc::Sender<WriteRequest>>,
+    call: tokio::task::JoinHandle<Result<WriteResponse, tonic::Status>>,
+    name: String,
+}
+
+impl Write {
+    fn open(channel: &Channel, name: &str) -> Write {
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = ByteStreamClient::new(channel.clone());
+        let call = tokio::spawn(async move {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            client.write(stream).await.map(|r| r.into_inner())
+        });
+        Write {
+            tx: Some(tx),
+            call,
+            name: name.into(),
+        }
+    }
+
+    /// Sends `bytes[from..to]` in 64 KiB messages, the last with `finish`.
+    async fn send(&mut self, bytes: &[u8], from: usize, to: usize, finish: bool) {
+        let tx = self.tx.as_ref().expect("open");
+        let mut at = from;
+        loop {
+            let end = (at + 65536).min(to);
+            let last = end == to;
+            let msg = WriteRequest {
+                resource_name: self.name.clone(),
+                write_offset: at as i64,
+                finish_write: finish && last,
+                data: bytes[at..end].to_vec(),
+            };
+            if tx.send(msg).await.is_err() {
+                return; // The call ended (the server answered).
+            }
+            at = end;
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Ends the request stream cleanly, without finish_write.
+    async fn end(mut self) -> Result<WriteResponse, tonic::Status> {
+        self.tx = None;
+        self.call.await.unwrap()
+    }
+
+    /// Resets the call (RST_STREAM), as a cut connection does.
+    fn reset(self) {
+        self.call.abort();
+    }
+}
+
+async fn committed(channel: &Channel, name: &str) -> (i64, bool) {
+    let r = ByteStreamClient::new(channel.clone())
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.committed_size, r.complete)
+}
+
+/// Polls QueryWriteStatus until it reports `want` (the server notices a
+/// reset a moment after it).
+async fn committed_becomes(channel: &Channel, name: &str, want: i64) {
+    for _ in 0..200 {
+        if committed(channel, name).await.0 == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{name}: committed never became {want}: {:?}",
+        committed(channel, name).await
+    );
+}
+
+fn cfg(window: Duration) -> ServerConfig {
+    ServerConfig {
+        cut_uploads: ParkingLimits {
+            window,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Cut at many points, by a clean end and by a reset, identity and zstd: the
+/// upload goes on from the committed size and the blob is stored whole.
+#[tokio::test]
+async fn cut_uploads_resume_at_every_cut_point() {
+    let server = start(cfg(Duration::from_secs(60))).await;
+    let channel = server.channel().await;
+    let size = 700_000;
+    for (i, cut) in [1usize, 65535, 65536, 65537, 300_001, 699_999]
+        .into_iter()
+        .enumerate()
+    {
+        for zstd in [false, true] {
+            let blob = data(size, (i * 2 + zstd as usize) as u32);
+            let digest = Digest::of(&blob);
+            let wire = if zstd {
+                zstd::encode_all(&blob[..], 3).unwrap()
+            } else {
+                blob.clone()
+            };
+            let cut = cut.min(wire.len() - 1);
+            let kind = if zstd {
+                "compressed-blobs/zstd"
+            } else {
+                "blobs"
+            };
+            let name = format!(
+                "uploads/{}/{kind}/{}/{}",
+                uuid::Uuid::new_v4(),
+                digest.hash(),
+                size
+            );
+            let mut w = Write::open(&channel, &name);
+            w.send(&wire, 0, cut, false).await;
+            if i % 2 == 0 {
+                let e = w.end().await.unwrap_err();
+                assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            } else {
+                w.send(&wire, cut, cut, false).await;
+                committed_becomes(&channel, &name, cut as i64).await;
+                w.reset();
+            }
+            committed_becomes(&channel, &name, cut as i64).await;
+            assert!(
+                server
+                    .memory
+                    .find_missing(std::slice::from_ref(&digest))
+                    .await
+                    .unwrap()
+                    .len()
+                    == 1
+            );
+            let mut w = Write::open(&channel, &name);
+            w.send(&wire, cut, wire.len(), true).await;
+            let r = w.end().await.unwrap();
+            let want = if zstd { wire.len() as i64 } else { size as i64 };
+            assert_eq!(r.committed_size, want, "cut {cut} zstd {zstd}");
+            assert!(server
+                .memory
+                .find_missing(&[digest])
+                .await
+                .unwrap()
+                .is_empty());
+            assert_eq!(
+                committed(&channel, &name).await,
+                (if zstd { -1 } else { size as i64 }, true)
+            );
+        }
+    }
+}
+
+/// A continuation that arrives while the old stream is still attached (the
+/// server has not seen the cut) takes the upload over; the old stream is
+/// dropped. Offsets other than the committed size are refused, and the
+/// upload stays resumable.
+#[tokio::test]
+async fn a_continuation_takes_over_a_stream_still_attached() {
+    let server = start(cfg(Duration::from_secs(60))).await;
+    let channel = server.channel().await;
+    let blob = data(500_000, 7);
+    let digest = Digest::of(&blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        digest.hash(),
+        blob.len()
+    );
+    let mut old = Write::open(&channel, &name);
+    old.send(&blob, 0, 200_000, false).await;
+    committed_becomes(&channel, &name, 200_000).await;
+
+    let mut wrong = Write::open(&channel, &name);
+    wrong.send(&blob, 100_000, 150_000, false).await;
+    let e = wrong.end().await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("200000"), "{e}");
+    let mut new = Write::open(&channel, &name);
+    new.send(&blob, 200_000, blob.len(), true).await;
+    assert_eq!(new.end().await.unwrap().committed_size, blob.len() as i64);
+    // The old stream, still attached, is told it lost the upload.
+    old.send(&blob, 200_000, 210_000, false).await;
+    let e = old.end().await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(server
+        .memory
+        .find_missing(&[digest])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Past the window, a cut upload is discarded: nothing stored, its bytes
+/// gone, a continuation refused; a zero window keeps nothing.
+#[tokio::test]
+async fn the_window_discards_cut_uploads() {
+    for window in [Duration::from_millis(300), Duration::ZERO] {
+        let server = start(cfg(window)).await;
+        let channel = server.channel().await;
+        let blob = data(300_000, 9);
+        let digest = Digest::of(&blob);
+        let name = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            digest.hash(),
+            blob.len()
+        );
+        let mut w = Write::open(&channel, &name);
+        w.send(&blob, 0, 100_000, false).await;
+        let _ = w.end().await;
+        tokio::time::sleep(window + Duration::from_millis(200)).await;
+        assert_eq!(committed(&channel, &name).await, (0, false));
+        let mut w = Write::open(&channel, &name);
+        w.send(&blob, 100_000, blob.len(), true).await;
+        let e = w.end().await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("start at 0"), "{e}");
+        assert_eq!(
+            server.memory.find_missing(&[digest]).await.unwrap().len(),
+            1
+        );
+    }
+}
+
+/// Past the bounds of kept uploads, a cut upload is discarded and its
+/// continuation gets RESOURCE_EXHAUSTED; those within them resume.
+#[tokio::test]
+async fn past_the_bounds_cut_uploads_are_refused_with_resource_exhausted() {
+    let server = start(ServerConfig {
+        cut_uploads: ParkingLimits {
+            window: Duration::from_secs(60),
+            max_uploads: 2,
+            max_bytes: 1 << 30,
+        },
+        ..Default::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut names = Vec::new();
+    for i in 0..3 {
+        let blob = data(200_000, 20 + i);
+        let digest = Digest::of(&blob);
+        let name = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            digest.hash(),
+            blob.len()
+        );
+        let mut w = Write::open(&channel, &name);
+        w.send(&blob, 0, 50_000, false).await;
+        let _ = w.end().await;
+        names.push((name, blob));
+    }
+    for (i, (name, blob)) in names.iter().enumerate() {
+        let mut w = Write::open(&channel, name);
+        w.send(blob, 50_000, blob.len(), true).await;
+        match (i, w.end().await) {
+            (0 | 1, r) => assert!(r.is_ok(), "{i}: {r:?}"),
+            (_, r) => assert_eq!(r.unwrap_err().code(), Code::ResourceExhausted),
+        }
+    }
+}
