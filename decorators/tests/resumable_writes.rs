@@ -342,3 +342,39 @@ error_logging:
     stored(&server, &d, &blob).await;
     assert_eq!(server.writes().len(), 2);
 }
+
+/// A server whose view of a cut lags ours (it refuses the continuation it
+/// told us to send, as a new upload out of order): at lags of 1 to 3
+/// refusals, the write asks QueryWriteStatus again and goes on from there;
+/// a server that never catches up gets the upload from 0 under a new name.
+/// Each way, the blob is stored whole.
+#[tokio::test]
+async fn resumed_writes_survive_servers_whose_view_of_the_cut_lags() {
+    for lag in [1u32, 2, 3, 100] {
+        let server = FaultServer::start(Options {
+            keep_partial_uploads: true,
+            lagging_refusals: lag,
+            ..Options::default()
+        })
+        .await;
+        let blob = test_blob(4 * MIB, lag as u64);
+        server.plan_writes([Some(WriteFault::Status {
+            after: MIB as u64,
+            code: Code::Unavailable,
+        })]);
+        let n = node(&server.endpoint(), policy(5), 16 << 20);
+        let d = put(&n, &blob)
+            .await
+            .unwrap_or_else(|e| panic!("lag {lag}: {e}"));
+        stored(&server, &d, &blob).await;
+        let refusals = counter(&n, "write_refusals");
+        let restarts = counter(&n, "write_restarts");
+        if lag <= 3 {
+            assert_eq!((refusals, restarts), (lag as u64, 0), "lag {lag}");
+        } else {
+            // Three refused resumptions, then from 0 under a new name.
+            assert_eq!(refusals, 4, "lag {lag}");
+            assert!(restarts >= 1, "lag {lag}");
+        }
+    }
+}

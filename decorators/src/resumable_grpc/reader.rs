@@ -42,6 +42,7 @@ pub const COUNTERS: &[&str] = &[
     "bytes_resent",
     "source_rereads",
     "writes_found_complete",
+    "write_refusals",
     "retries",
     "refused_retries",
 ];

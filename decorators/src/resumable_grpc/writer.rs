@@ -25,7 +25,7 @@
 use super::budget::Budget;
 use super::channels::Channels;
 use super::observe::{Observed, ObservingChannel};
-use super::retry::Failure;
+use super::retry::{Failure, Origin};
 use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
 use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest};
 use blob_access::grpc::GrpcChannel;
@@ -118,18 +118,12 @@ impl Source {
         }
     }
 
-    /// Makes `at` the point the next attempt sends from. Bytes before it are
-    /// committed: they leave the window. Returns whether the source was read
-    /// again to get there.
+    /// Makes `at` the point the next attempt sends from. Bytes before it stay
+    /// in the window while it has room: a server that later refuses to go on
+    /// (see `lagging`) may need the upload again from 0. Returns whether the
+    /// source was read again to get there.
     async fn seek(&mut self, at: u64) -> Result<bool> {
         if self.start <= at && at <= self.pulled {
-            while self
-                .window
-                .front()
-                .is_some_and(|f| self.start + f.len() as u64 <= at)
-            {
-                self.drop_front();
-            }
             return Ok(false);
         }
         let Some(reopen) = self.reopen.clone() else {
@@ -163,6 +157,23 @@ impl Source {
         self.start = at;
         Ok(true)
     }
+}
+
+/// Resumed writes refused in a row before one starts again at 0 under a new
+/// upload name.
+const LAGGING_REFUSALS: u32 = 3;
+
+/// Whether `f`, the failure of a resumed write, may be a server whose view
+/// of the cut lags the client's: it told us where to go on (QueryWriteStatus)
+/// but has not yet noticed the old stream was cut, so it took the
+/// continuation for a new upload and refused its offset (INVALID_ARGUMENT,
+/// FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE).
+fn lagging(f: &Failure) -> bool {
+    f.origin == Origin::Server
+        && matches!(
+            f.error.code(),
+            Code::InvalidArgument | Code::FailedPrecondition | Code::Aborted | Code::OutOfRange
+        )
 }
 
 /// How one Write attempt ended.
@@ -241,12 +252,17 @@ impl ResumableWrites {
         reopen: Option<Reopen>,
     ) -> Result<()> {
         let size = digest.size_bytes();
-        let resource = WriteResource::new(
-            self.conn.instance_name(),
-            Compressor::Identity,
-            digest.clone(),
-        )
-        .to_string();
+        let new_name = || {
+            WriteResource::new(
+                self.conn.instance_name(),
+                Compressor::Identity,
+                digest.clone(),
+            )
+            .to_string()
+        };
+        let mut resource = new_name();
+        // Resumed attempts the server refused in a row (see `lagging`).
+        let mut refusals = 0u32;
         let mut src = Source::new(self.conn.name(), digest, data, reopen, self.window);
         let mut budget = Budget::new(self.policy.clone());
         let (mut at, mut acked, mut attempts) = (0u64, 0u64, 0u32);
@@ -261,6 +277,27 @@ impl ResumableWrites {
             };
             let what =
                 |at: u64| format!("attempt {attempts} from write_offset {at}, {size} bytes in all");
+            let failure = if at > 0 && lagging(&failure) {
+                refusals += 1;
+                self.counters.inc("write_refusals");
+                if refusals > LAGGING_REFUSALS {
+                    // The server keeps refusing where it told us to go on:
+                    // a new upload, from 0.
+                    tracing::info!(%digest, refusals, cause = %failure.error, "resumed writes refused; starting again at 0 under a new upload name");
+                    refusals = 0;
+                    resource = new_name();
+                } else {
+                    // Its view of the cut may lag ours: ask it again shortly.
+                    tokio::time::sleep(self.policy.backoff(refusals)).await;
+                }
+                // Retried within the budget, not reported as the answer.
+                Failure {
+                    origin: Origin::Truncated,
+                    ..failure
+                }
+            } else {
+                failure
+            };
             if let Some(e) = Budget::fatal(&failure, &what(at)) {
                 return Err(e);
             }

@@ -77,6 +77,11 @@ pub struct Options {
     /// Wait this long before taking each Write message (a slow server, so
     /// that a proxy's timed cut falls inside an upload).
     pub write_delay: Option<std::time::Duration>,
+    /// A server whose view of a cut lags the client's: the first this many
+    /// Writes of an upload that continue it (write_offset > 0) are refused
+    /// with INVALID_ARGUMENT "Received out of order data", as a server that
+    /// still has the cut stream attached and takes them for a new upload.
+    pub lagging_refusals: u32,
 }
 
 #[derive(Default)]
@@ -88,6 +93,8 @@ struct Script {
     writes_always: Option<WriteFault>,
     writes: Vec<WriteAttempt>,
     queries: u32,
+    /// Resumed Writes refused so far, by uuid (see `lagging_refusals`).
+    refused: std::collections::HashMap<String, u32>,
     /// Committed bytes of partial uploads, by uuid.
     uploads: std::collections::HashMap<String, Vec<u8>>,
 }
@@ -276,6 +283,17 @@ impl bs::byte_stream_server::ByteStream for Service {
         };
         if matches!(fault, Some(WriteFault::AlreadyExists)) {
             return Err(Status::already_exists("injected ALREADY_EXISTS"));
+        }
+        if first.write_offset > 0 {
+            let mut s = self.script.lock().unwrap();
+            let refused = s.refused.entry(uuid.clone()).or_default();
+            if *refused < self.opts.lagging_refusals {
+                *refused += 1;
+                return Err(Status::invalid_argument(format!(
+                    "Received out of order data. Got {}, expected 0",
+                    first.write_offset
+                )));
+            }
         }
         {
             let mut s = self.script.lock().unwrap();
