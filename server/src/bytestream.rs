@@ -207,33 +207,42 @@ impl byte_stream_server::ByteStream for ByteStream {
                 session
             }
         };
-        let killed = self.0.killed();
-        let fed = tokio::select! {
-            r = feed(&session, owner, first, &mut stream) => r,
-            () = killed => {
-                uploads.remove(&name, owner);
-                session.discard("the server is shutting down").await;
-                return Err(status_shutting_down());
+        // In a task of its own: a client that resets the stream drops this
+        // call's future, and the session must still be fed to a consistent
+        // point and kept (or removed), never left half-way.
+        let (uploads, killed) = (uploads.clone(), self.0.killed());
+        let task = tokio::spawn(async move {
+            let fed = tokio::select! {
+                r = feed(&session, owner, first, &mut stream) => r,
+                () = killed => {
+                    uploads.remove(&name, owner);
+                    session.discard("the server is shutting down").await;
+                    return Err(status_shutting_down());
+                }
+            };
+            match fed {
+                Ok(Fed::Stored(committed_size)) => {
+                    uploads.remove(&name, owner);
+                    Ok(committed_size)
+                }
+                Ok(Fed::Cut(s)) => {
+                    uploads.park(&name, owner).await;
+                    Err(s)
+                }
+                Ok(Fed::TakenOver) => Err(Status::aborted(
+                    "a newer write of the same upload took it over",
+                )),
+                Err(s) => {
+                    uploads.remove(&name, owner);
+                    tracing::debug!(digest = %res.digest, error = %s, "write failed");
+                    Err(s)
+                }
             }
-        };
-        match fed {
-            Ok(Fed::Stored(committed_size)) => {
-                uploads.remove(&name, owner);
-                Ok(Response::new(WriteResponse { committed_size }))
-            }
-            Ok(Fed::Cut(s)) => {
-                uploads.park(&name, owner).await;
-                Err(s)
-            }
-            Ok(Fed::TakenOver) => Err(Status::aborted(
-                "a newer write of the same upload took it over",
-            )),
-            Err(s) => {
-                uploads.remove(&name, owner);
-                tracing::debug!(digest = %res.digest, error = %s, "write failed");
-                Err(s)
-            }
-        }
+        });
+        let committed_size = task
+            .await
+            .map_err(|e| Status::internal(format!("the write's task failed: {e}")))??;
+        Ok(Response::new(WriteResponse { committed_size }))
     }
 
     async fn query_write_status(
@@ -244,17 +253,28 @@ impl byte_stream_server::ByteStream for ByteStream {
         self.0
             .check_instance(&res.instance_name, request.extensions(), Permission::Read)?;
         res.digest = res.digest.with_instance_name(&res.instance_name);
-        // An upload in progress or kept after a cut reports what it has.
-        if let Some(committed_size) = self
+        // An upload in progress or kept after a cut reports what it has; a
+        // finished one, once the backend stored the blob (or failed to).
+        match self
             .0
             .uploads_kept
-            .committed(&request.get_ref().resource_name)
+            .standing(&request.get_ref().resource_name)
             .await
         {
-            return Ok(Response::new(QueryWriteStatusResponse {
-                committed_size,
-                complete: false,
-            }));
+            Some(Ok(committed_size)) => {
+                return Ok(Response::new(QueryWriteStatusResponse {
+                    committed_size,
+                    complete: false,
+                }))
+            }
+            Some(Err(stored)) if stored => {
+                return Ok(Response::new(QueryWriteStatusResponse {
+                    committed_size: early_committed_size(&res),
+                    complete: true,
+                }))
+            }
+            // Failed: the client starts again, as for an unknown upload.
+            Some(Err(_)) | None => {}
         }
         // Otherwise it is complete (the blob is stored) or has to start again
         // at 0. An unknown upload is OK with 0, not the NOT_FOUND ByteStream

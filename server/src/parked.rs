@@ -126,10 +126,11 @@ impl Uploads {
         self.entries().insert(name.to_string(), entry);
     }
 
-    /// The bytes an upload in progress or kept has, if there is one.
-    pub(super) async fn committed(&self, name: &str) -> Option<i64> {
+    /// Where an upload in progress or kept stands, if there is one: its
+    /// bytes, or once it was finished whether the blob was stored.
+    pub(super) async fn standing(&self, name: &str) -> Option<Result<i64, bool>> {
         let session = self.entries().get(name).map(|e| e.session.clone())?;
-        Some(session.committed().await)
+        Some(session.standing().await)
     }
 
     /// Forgets `name` (stored, failed or discarded) if `owner` still has it.

@@ -79,6 +79,8 @@ pub(super) struct Session {
     owner: AtomicU64,
     /// `Pump::received`, readable without waiting for the pump.
     received: AtomicU64,
+    /// finish_write came: the put is storing the blob (or failing).
+    finishing: std::sync::atomic::AtomicBool,
     /// The put's outcome once it ended.
     outcome: watch::Receiver<Option<Result<(), Error>>>,
 }
@@ -113,6 +115,7 @@ impl Session {
             }),
             owner: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            finishing: std::sync::atomic::AtomicBool::new(false),
             outcome,
         }))
     }
@@ -120,6 +123,17 @@ impl Session {
     /// Bytes committed so far (received on the wire).
     pub(super) async fn committed(&self) -> i64 {
         self.pump.lock().await.received
+    }
+
+    /// Where the upload stands for QueryWriteStatus: its bytes, or, once
+    /// finish_write came, whether the blob was stored (waiting for the
+    /// backend: a client told "all bytes" must find the blob when it reads).
+    pub(super) async fn standing(&self) -> Result<i64, bool> {
+        let received = self.committed().await;
+        if !self.finishing.load(Ordering::SeqCst) {
+            return Ok(received);
+        }
+        Err(self.outcome().await.is_ok())
     }
 
     /// Makes the session the Write call `owner`'s: an older one stops at
@@ -202,6 +216,7 @@ pub(super) async fn feed(
                         return Err(e.into());
                     }
                 }
+                session.finishing.store(true, Ordering::SeqCst);
                 pump.feed.finish().await;
                 let received = pump.received;
                 drop(pump);
