@@ -159,7 +159,10 @@ start)
     # worker's long poll hold a thread), stream-blob false, in-memory action cache that does not
     # cache failed results. Execution-specific, checked against buildgrid 0.4.4's parser:
     # - !sql-scheduler's default assigner polls for queued jobs every 1 s (+ up to 100 % jitter),
-    #   which would add ~1 s per action; 0.05 s keeps the queue latency negligible.
+    #   which would add ~1 s per action; 0.05 s keeps the queue latency negligible. A job that
+    #   finds no bot is retried after failure-backoff (default 5 s), and the bot's row is locked
+    #   (the assigner skips locked rows) while the worker's UpdateBotSession runs: an action
+    #   queued just then waited 5 s with the worker idle. 0.1 s: a retry costs one query.
     # - action-cache on the scheduler: Execute with skip_cache_lookup=false answers from the
     #   cache (cached_result=true, no worker run) and completed results fill it.
     # - property-set: actions may set OSFamily/ISA (matched against the worker's linux/x86-64)
@@ -212,6 +215,7 @@ schedulers:
       - !priority-age-assigner
         interval: 0.05
         jitter-factor: 0.05
+        failure-backoff: 0.1
 
 instances:
   - name: ''

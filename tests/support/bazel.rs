@@ -1,6 +1,7 @@
 //! A real Bazel (Debian's `bazel-bootstrap`, 4.2.3, installed by
 //! `scripts/setup-test-env.sh`) building the fixture workspace in
-//! `tests/bazel/workspace` against a REAPI remote cache, for end-to-end tests.
+//! `tests/bazel/workspace` (or another, such as `tests/bazel/exec_workspace`)
+//! against a REAPI remote cache, for end-to-end tests.
 //!
 //! One Bazel server per [`Bazel`], expunged (which also shuts it down) on drop:
 //! `--batch` starts a JVM per command, ~1 s each; build, clean, build took
@@ -85,6 +86,11 @@ impl BuildSummary {
     pub fn executed(&self) -> usize {
         self.spawns.len() - self.remote_cache_hits()
     }
+    /// Spawns that ran on a remote executor (`--remote_executor`).
+    pub fn executed_remotely(&self) -> usize {
+        let remote = |s: &&Spawn| s.runner == "remote" && !s.remote_cache_hit;
+        self.spawns.iter().filter(remote).count()
+    }
     /// Panics unless the log and the stderr line agree on the counts.
     pub fn check_counts(&self) {
         let hits = self.processes.get("remote cache hit").copied();
@@ -101,11 +107,13 @@ impl Bazel {
     /// A copy of `tests/bazel/workspace` whose builds use the REAPI cache at
     /// `remote_cache` (e.g. `grpc://127.0.0.1:PORT`).
     pub fn new(remote_cache: &str) -> Bazel {
+        Self::with_workspace(&root().join("tests/bazel/workspace"), remote_cache)
+    }
+
+    /// As [`Bazel::new`], with a copy of another fixture workspace.
+    pub fn with_workspace(workspace: &Path, remote_cache: &str) -> Bazel {
         let dir = tempfile::tempdir().unwrap();
-        copy_dir(
-            &root().join("tests/bazel/workspace"),
-            &dir.path().join("ws"),
-        );
+        copy_dir(workspace, &dir.path().join("ws"));
         Bazel {
             dir,
             remote_cache: remote_cache.to_string(),

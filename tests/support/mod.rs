@@ -125,6 +125,66 @@ impl Drop for BuildGrid {
     }
 }
 
+/// A BuildGrid that executes (`scripts/buildgrid-exec.sh`): Execution,
+/// Operations, CAS and ActionCache (instance "") on a free loopback port, its
+/// scheduler on a private PostgreSQL, and a test worker that runs the actions
+/// (4 at once) and logs each run. Stopped on drop.
+pub struct BuildGridExec {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl BuildGridExec {
+    pub fn start() -> BuildGridExec {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let bg = BuildGridExec { dir, port };
+        bg.start_again();
+        bg
+    }
+    fn start_again(&self) {
+        script(&[
+            "scripts/buildgrid-exec.sh",
+            "start",
+            self.dir.path().to_str().unwrap(),
+            &self.port.to_string(),
+        ]);
+    }
+    pub fn stop(&self) {
+        script(&[
+            "scripts/buildgrid-exec.sh",
+            "stop",
+            self.dir.path().to_str().unwrap(),
+        ]);
+    }
+    /// Stops it (the worker and the actions it runs too) and starts it again
+    /// on the same port and directory: its database, with the operations and
+    /// the jobs they wait for, and its CAS are kept.
+    pub fn restart(&self) {
+        self.stop();
+        self.start_again();
+    }
+    /// One `HASH/SIZE` of an action's digest per run the worker started, in
+    /// order (from `worker.log`).
+    pub fn worker_runs(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
+        log.lines()
+            .map(|l| {
+                let digest = l.strip_prefix("executed ");
+                digest
+                    .unwrap_or_else(|| panic!("worker.log: {l:?}"))
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+impl Drop for BuildGridExec {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A gRPC reverse proxy (h2c both ways) to `upstream_port`, run by a script
 /// with the commands `start DIR PORT UPSTREAM_PORT`, `reload DIR` and `stop DIR`;
 /// stopped on drop. Made by [`Nginx`] or [`HaProxy`].
