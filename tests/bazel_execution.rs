@@ -253,14 +253,17 @@ fn a_build_goes_on_when_buildgrid_restarts_mid_action() {
     let bg = BuildGridExec::start();
     let dir = tempfile::tempdir().unwrap();
     // BuildGrid is away for 8-15 s (stop, then PostgreSQL, bgd and the
-    // worker start), and each refused connection counts as an attempt without
-    // progress: with the defaults (5 attempts, from 50 ms) serve gives up on
-    // the execution within a second. Here 30 attempts at most 1 s apart.
-    let node = resumable(
+    // worker start). The execution node keeps its defaults: an execution is
+    // given up only after no update for execution_stall_timeout (5m). The
+    // cache calls have the budget of reads (5 attempts from 50 ms, a second
+    // in all): here 30 attempts at most 1 s apart, for Bazel's lookups and
+    // uploads that fall in the restart.
+    let storage = resumable(
         bg.port,
         "max_attempts_without_progress: 30, max_backoff: 1s",
     );
-    let config = config(dir.path(), "resumable.yaml", &node, &node);
+    let execution = resumable(bg.port, "execution_stall_timeout: 5m");
+    let config = config(dir.path(), "resumable.yaml", &storage, &execution);
     let serve = Serve::start_with(Some(&config), &["--metrics-listen", "127.0.0.1:0"]);
     let mut bazel = new_bazel(&serve);
 

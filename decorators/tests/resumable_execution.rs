@@ -172,7 +172,7 @@ async fn the_server_s_answers_pass_unchanged_and_the_budget_is_bounded() {
     let exec = node(
         &server.endpoint(),
         false,
-        ", max_attempts_without_progress: 4",
+        ", max_attempts_without_progress: 4, execution_stall_timeout: 1s",
     );
     let (ops, end) = run(exec.execute(request("missing inputs"))).await;
     let e = end.expect("refused");
@@ -188,10 +188,11 @@ async fn the_server_s_answers_pass_unchanged_and_the_budget_is_bounded() {
     assert_eq!(e.code(), Code::Unavailable);
     assert!(
         e.message()
-            .contains("gave up on the execution after 4 failed attempts"),
+            .contains("brought no operation update, none for 1."),
         "{e}"
     );
-    assert_eq!(count(&server.counts.executes), 5);
+    // The attempts of the budget, and as many more as fit in the second.
+    assert!(count(&server.counts.executes) >= 5);
 }
 
 /// After `done`, nothing is resumed, even when the stream is then cut.

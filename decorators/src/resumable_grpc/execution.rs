@@ -15,9 +15,13 @@
 //! - a message with `done: true` ends it; nothing is resumed after;
 //! - the budget is that of reads: progress is an Operation message, at most
 //!   `max_attempts_without_progress` attempts in a row without one, no new
-//!   attempt past `deadline`. The stall limit is `execution_stall_timeout`:
-//!   servers send the state again every minute or so while an action runs,
-//!   and one silent for longer is resumed, not failed.
+//!   attempt past `deadline`; but an execution is given up only once it also
+//!   had no update for `execution_stall_timeout`: an action's minutes of
+//!   work outlast a cluster that restarts (its port refusing connections for
+//!   seconds), which would spend the attempts of a read in a second. The
+//!   same limit ends an attempt without updates: servers send the state
+//!   again every minute or so while an action runs, and one silent for
+//!   longer is resumed, not failed.
 //!
 //! The caller sees one stream with one operation name throughout: an Execute
 //! sent again after NOT_FOUND gets a new name from the server, and its
@@ -157,6 +161,8 @@ struct Run {
     shown: Option<String>,
     stream: Option<(tonic::Streaming<Operation>, Observed)>,
     started: Instant,
+    /// When the last Operation message came (or the run started).
+    last_update: Instant,
     in_a_row: u32,
     failures: u32,
     transport_failed: bool,
@@ -183,6 +189,7 @@ impl Run {
             let failure = match self.attempt().await {
                 Ok(mut op) => {
                     self.in_a_row = 0;
+                    self.last_update = Instant::now();
                     if !op.name.is_empty() {
                         match &self.shown {
                             None => self.shown = Some(op.name.clone()),
@@ -300,11 +307,12 @@ impl Run {
             ))
         };
         let policy = &self.inner.policy;
-        if self.in_a_row >= policy.max_attempts_without_progress {
+        let quiet = self.last_update.elapsed();
+        if self.in_a_row >= policy.max_attempts_without_progress && quiet >= policy.stall_timeout {
             return give_up(
                 Code::Unavailable,
                 format!(
-                    "{} attempts in a row brought no operation update",
+                    "{} attempts in a row brought no operation update, none for {quiet:?}",
                     self.in_a_row
                 ),
             );
@@ -336,6 +344,7 @@ impl ResumableGrpcExecution {
             name: name.map(|n| self.inner.resolve(&n)),
             stream: None,
             started: Instant::now(),
+            last_update: Instant::now(),
             in_a_row: 0,
             failures: 0,
             transport_failed: false,
