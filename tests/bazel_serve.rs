@@ -160,3 +160,36 @@ fn resumptions_of(serve: &Serve) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// Bazel's own uploads resume into serve: the 200 MiB output goes up through
+/// a proxy that resets every connection 250 ms after it opened, and Bazel's
+/// uploader, told by QueryWriteStatus what serve kept of each cut attempt,
+/// goes on from there; after `bazel clean`, every action is a remote cache
+/// hit with the same outputs.
+#[test]
+fn bazel_uploads_resume_into_serve_through_a_cutting_proxy() {
+    if !real_bazel() {
+        return;
+    }
+    use blob_access_chaos::{Faults, Kill, Proxy};
+    let serve = Serve::start_env(
+        "127.0.0.1:0",
+        None,
+        &[],
+        &[("RUST_LOG", "warn,blob_access_server::parked=debug")],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cuts = Faults::time(Kill::Rst, std::time::Duration::from_millis(250));
+    let proxy = rt
+        .block_on(Proxy::start(
+            ([127, 0, 0, 1], serve.port).into(),
+            Some(cuts),
+        ))
+        .unwrap();
+    let mut bazel = Bazel::new(&proxy.endpoint());
+    build_clean_build(&mut bazel, |_| {}, |build| build());
+    let kept = serve.log().matches("keeping a cut upload").count();
+    let kills = proxy.kills.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{kills} connections reset; serve kept {kept} cut uploads for Bazel to resume");
+    assert!(kept > 0, "no upload was cut and kept: {}", serve.log());
+}

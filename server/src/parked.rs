@@ -128,9 +128,39 @@ impl Uploads {
 
     /// Where an upload in progress or kept stands, if there is one: its
     /// bytes, or once it was finished whether the blob was stored.
-    pub(super) async fn standing(&self, name: &str) -> Option<Result<i64, bool>> {
-        let session = self.entries().get(name).map(|e| e.session.clone())?;
+    ///
+    /// A client asks this when it believes its stream was cut, and then
+    /// writes from the answer. The server may not have noticed the cut yet:
+    /// the old stream's handler would go on taking the messages already
+    /// buffered, and the committed size would move past the answer. So the
+    /// session is taken from the Write feeding it (which stops at its next
+    /// message) and kept as a cut one: the answer holds until the next Write.
+    pub(super) async fn standing(self: &Arc<Self>, name: &str) -> Option<Result<i64, bool>> {
+        let owner = self.new_owner();
+        let session = {
+            let mut entries = self.entries();
+            let entry = entries.get_mut(name)?;
+            if !entry.session.finishing() {
+                entry.session.take_over(owner);
+                if entry.parked.is_none() {
+                    let now = Instant::now();
+                    entry.parked = Some((now, owner));
+                    self.expire_later(name, now, owner);
+                }
+            }
+            entry.session.clone()
+        };
         Some(session.standing().await)
+    }
+
+    /// Discards `name` after the window if it is still parked since `since` by `owner`.
+    fn expire_later(self: &Arc<Self>, name: &str, since: Instant, owner: u64) {
+        let (this, name) = (self.clone(), name.to_string());
+        let window = self.limits.window;
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            this.expire(&name, since, owner).await;
+        });
     }
 
     /// Forgets `name` (stored, failed or discarded) if `owner` still has it.
@@ -185,12 +215,7 @@ impl Uploads {
             received = session.received_hint(),
             "keeping a cut upload"
         );
-        let (this, name) = (self.clone(), name.to_string());
-        let window = self.limits.window;
-        tokio::spawn(async move {
-            tokio::time::sleep(window).await;
-            this.expire(&name, now, owner).await;
-        });
+        self.expire_later(name, now, owner);
     }
 
     /// Discards `name` if it is still parked since `since` by `owner`.

@@ -142,6 +142,11 @@ impl Session {
         self.owner.store(owner, Ordering::SeqCst);
     }
 
+    /// Whether finish_write came (the put is storing the blob, or failing).
+    pub(super) fn finishing(&self) -> bool {
+        self.finishing.load(Ordering::SeqCst)
+    }
+
     /// Bytes received as of the last message taken.
     pub(super) fn received_hint(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
