@@ -11,20 +11,14 @@
 //! Run: `cargo bench --bench upload_into_serve` (BLOB_MIB=256 for a quicker run).
 
 mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use blob_access_chaos::{Faults, Kill, Proxy};
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// The number logged before ` name` by `put -v`.
-fn logged(log: &str, name: &str) -> u64 {
-    log.split(&format!(" {name}"))
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
+use support::logged;
 
 /// One `put -v` into a fresh serve, through the proxy with `faults`:
 /// (seconds, bytes sent again, resumptions, restarts).

@@ -19,14 +19,6 @@ use std::path::Path;
 use std::time::Duration;
 use support::*;
 
-fn size() -> u64 {
-    let mib = std::env::var("BLOB_ACCESS_UPLOAD_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300u64);
-    mib << 20
-}
-
 fn put(config: &Path, file: &Path) -> std::process::Output {
     cli(&[
         "put".as_ref(),
@@ -35,15 +27,6 @@ fn put(config: &Path, file: &Path) -> std::process::Output {
         config.as_os_str(),
         file.as_os_str(),
     ])
-}
-
-/// The number logged before ` name` by `put -v`.
-fn logged(log: &str, name: &str) -> u64 {
-    log.split(&format!(" {name}"))
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A successful `put`, then a `get` straight from BuildGrid of the same bytes.
@@ -68,7 +51,7 @@ fn uploads_through_a_proxy_killing_connections_start_again_and_arrive() {
     }
     let bg = BuildGrid::start();
     let dir = tempfile::tempdir().unwrap();
-    let file = random_file(dir.path(), size());
+    let file = random_file(dir.path(), upload_size());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let upstream = ([127, 0, 0, 1], bg.port).into();
     // 300 ms: well under what 300 MiB takes even on a quiet machine (1.4 s).
@@ -124,7 +107,7 @@ fn uploads_through_reloads(start: fn(u16) -> support::Proxy, extra: u64) {
     let bg = BuildGrid::start();
     let proxy = start(bg.port);
     let dir = tempfile::tempdir().unwrap();
-    let file = random_file(dir.path(), size() + extra);
+    let file = random_file(dir.path(), upload_size() + extra);
     let resumable = resumable_config(dir.path(), "resumable.yaml", proxy.port);
     let (out, reloads) =
         proxy.with_n_reloads(3, Duration::from_millis(300), || put(&resumable, &file));

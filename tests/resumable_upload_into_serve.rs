@@ -13,23 +13,6 @@ use std::path::Path;
 use std::time::Duration;
 use support::*;
 
-fn size() -> u64 {
-    let mib = std::env::var("BLOB_ACCESS_UPLOAD_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300u64);
-    mib << 20
-}
-
-/// The number logged before ` name` by `put -v`.
-fn logged(log: &str, name: &str) -> u64 {
-    log.split(&format!(" {name}"))
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// `put -v` of `file` through a proxy resetting each connection after
 /// 250 ms into the serve on `port`; then a verified get from it directly.
 fn put_through_cuts(dir: &Path, port: u16, file: &Path) {
@@ -59,7 +42,10 @@ fn put_through_cuts(dir: &Path, port: u16, file: &Path) {
     );
     assert!(kills >= 1 && retries >= 1, "never cut: {log}");
     assert_eq!(restarts, 0, "an attempt started again at 0: {log}");
-    assert!(resent <= size() / 10, "{resent} bytes sent again: {log}");
+    assert!(
+        resent <= upload_size() / 10,
+        "{resent} bytes sent again: {log}"
+    );
     let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let got = dir.join("got");
     get_cli(&grpc_config(dir, "direct.yaml", port), &digest, &got);
@@ -70,7 +56,7 @@ fn put_through_cuts(dir: &Path, port: u16, file: &Path) {
 #[test]
 fn uploads_through_cuts_resume_into_serve_over_memory_and_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let file = random_file(dir.path(), size());
+    let file = random_file(dir.path(), upload_size());
     let memory = Serve::start_env(
         "127.0.0.1:0",
         None,
@@ -101,7 +87,7 @@ fn uploads_through_cuts_resume_into_serve_over_memory_and_disk() {
 #[test]
 fn uploads_through_cuts_resume_into_a_forwarding_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let file = random_file(dir.path(), size());
+    let file = random_file(dir.path(), upload_size());
     let upstream = Serve::start(None);
     let forwarding = resumable_config(dir.path(), "forward.yaml", upstream.port);
     let front = Serve::start(Some(&forwarding));

@@ -389,12 +389,27 @@ pub fn resumable_get_survives(
 
 /// N in the "... N resumptions" of a transfer summary; 0 without one.
 pub fn logged_resumptions(summary: &str) -> u64 {
+    logged(summary, "resumptions")
+}
+
+/// N in the "... N `name`" of a transfer summary (`put -v`, `get -v`); 0
+/// without one.
+pub fn logged(summary: &str, name: &str) -> u64 {
     summary
-        .split(" resumptions")
+        .split(&format!(" {name}"))
         .next()
         .and_then(|head| head.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// Size of the uploads of the upload tests: BLOB_ACCESS_UPLOAD_MIB, default 300 MiB.
+pub fn upload_size() -> u64 {
+    let mib = std::env::var("BLOB_ACCESS_UPLOAD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300u64);
+    mib << 20
 }
 
 /// `n` files of 1-9 KiB in `dir/src` and, last, `dir/directory`: the REAPI
