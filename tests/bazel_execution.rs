@@ -306,3 +306,40 @@ fn a_build_goes_on_when_buildgrid_restarts_mid_action() {
         "no Execute stream was resumed: the restart was not mid-action"
     );
 }
+
+/// BuildGrid's own client, `bgd execute command`, as a second client
+/// through serve: it uploads an input root, executes, and fetches the output.
+#[test]
+fn bgd_execute_runs_an_action_through_serve() {
+    if !real_servers() {
+        return;
+    }
+    let bg = BuildGridExec::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = resumable(bg.port, THROUGH_RELOADS);
+    let serve = Serve::start(Some(&config(dir.path(), "serve.yaml", &node, &node)));
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::write(input.join("f.txt"), "an input of bgd\n").unwrap();
+    let out = dir.path().join("out");
+    let status = std::process::Command::new(bgd())
+        .current_dir(dir.path())
+        .args([
+            "execute",
+            "--remote",
+            &format!("http://127.0.0.1:{}", serve.port),
+        ])
+        .args(["command", "--output-file", "out.txt", "--output-directory"])
+        .arg(&out)
+        .arg(&input)
+        .args(["--", "sh", "-c", "tr a-z A-Z < f.txt > out.txt"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(out.join("out.txt")).unwrap(),
+        "AN INPUT OF BGD\n"
+    );
+    assert_eq!(bg.worker_runs().len(), 1);
+}
