@@ -175,43 +175,46 @@ impl byte_stream_server::ByteStream for ByteStream {
             let committed_size = early_committed_size(&res);
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        let (uploads, name) = (&self.0.uploads_kept, first.resource_name.clone());
-        let owner = uploads.new_owner();
-        let session = match uploads.find(&name, owner).await {
-            Found::Resume(session, committed) if first.write_offset as u64 == committed => session,
-            Found::Resume(_, committed) => {
-                // Kept for the client's next try, which asks where it stands.
-                uploads.park(&name, owner).await;
-                return Err(invalid(format!(
-                    "write_offset {} does not continue this upload, which has {committed} bytes \
-                     (ask QueryWriteStatus)",
-                    first.write_offset
-                )));
-            }
-            Found::Dropped => {
-                return Err(Status::resource_exhausted(
-                    "this upload was cut and not kept: the server keeps a bounded number and \
-                     size of cut uploads; start again at 0 under a new name",
-                ))
-            }
-            Found::None if first.write_offset != 0 => {
-                return Err(invalid(format!(
-                    "write_offset {} of an upload this server does not have (never begun, or \
-                     not resumed within the window): start at 0",
-                    first.write_offset
-                )))
-            }
-            Found::None => {
-                let session = Session::start(self.0.backend.clone(), res.clone())?;
-                uploads.add(&name, session.clone(), owner);
-                session
-            }
-        };
-        // In a task of its own: a client that resets the stream drops this
-        // call's future, and the session must still be fed to a consistent
-        // point and kept (or removed), never left half-way.
-        let (uploads, killed) = (uploads.clone(), self.0.killed());
+        // In a task of its own from here: a client that resets the stream
+        // drops this call's future, and an upload taken over or started must
+        // still be fed to a consistent point and kept (or removed), never
+        // left half-way with no window to end it.
+        let (uploads, name) = (self.0.uploads_kept.clone(), first.resource_name.clone());
+        let (backend, killed) = (self.0.backend.clone(), self.0.killed());
         let task = tokio::spawn(async move {
+            let owner = uploads.new_owner();
+            let session = match uploads.find(&name, owner).await {
+                Found::Resume(session, committed) if first.write_offset as u64 == committed => {
+                    session
+                }
+                Found::Resume(_, committed) => {
+                    // Kept for the client's next try, which asks where it stands.
+                    uploads.park(&name, owner).await;
+                    return Err(invalid(format!(
+                        "write_offset {} does not continue this upload, which has {committed} \
+                         bytes (ask QueryWriteStatus)",
+                        first.write_offset
+                    )));
+                }
+                Found::Dropped => {
+                    return Err(Status::resource_exhausted(
+                        "this upload was cut and not kept: the server keeps a bounded number \
+                         and size of cut uploads; start again at 0 under a new name",
+                    ))
+                }
+                Found::None if first.write_offset != 0 => {
+                    return Err(invalid(format!(
+                        "write_offset {} of an upload this server does not have (never \
+                         begun, or not resumed within the window): start at 0",
+                        first.write_offset
+                    )))
+                }
+                Found::None => {
+                    let session = Session::start(backend, res.clone())?;
+                    uploads.add(&name, session.clone(), owner);
+                    session
+                }
+            };
             let fed = tokio::select! {
                 r = feed(&session, owner, first, &mut stream) => r,
                 () = killed => {
