@@ -183,7 +183,7 @@ impl byte_stream_server::ByteStream for ByteStream {
         let (backend, killed) = (self.0.backend.clone(), self.0.killed());
         let task = tokio::spawn(async move {
             let owner = uploads.new_owner();
-            let session = match uploads.find(&name, owner).await {
+            let session = match uploads.find(&name, owner, first.write_offset).await {
                 Found::Resume(session, committed) if first.write_offset as u64 == committed => {
                     session
                 }
@@ -199,7 +199,7 @@ impl byte_stream_server::ByteStream for ByteStream {
                 Found::Dropped => {
                     return Err(Status::resource_exhausted(
                         "this upload was cut and not kept: the server keeps a bounded number \
-                         and size of cut uploads; start again at 0 under a new name",
+                         and size of cut uploads; start again at 0",
                     ))
                 }
                 Found::None if first.write_offset != 0 => {
@@ -256,12 +256,18 @@ impl byte_stream_server::ByteStream for ByteStream {
         self.0
             .check_instance(&res.instance_name, request.extensions(), Permission::Read)?;
         res.digest = res.digest.with_instance_name(&res.instance_name);
+        // Only a caller that may write the upload stops a stream still
+        // attached (see `parked::Uploads::standing`).
+        let may_write = self
+            .0
+            .check_instance(&res.instance_name, request.extensions(), Permission::Write)
+            .is_ok();
         // An upload in progress or kept after a cut reports what it has; a
         // finished one, once the backend stored the blob (or failed to).
         match self
             .0
             .uploads_kept
-            .standing(&request.get_ref().resource_name)
+            .standing(&request.get_ref().resource_name, may_write)
             .await
         {
             Some(Ok(committed_size)) => {

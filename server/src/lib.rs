@@ -79,7 +79,7 @@ pub struct ServerConfig {
     /// RESOURCE_EXHAUSTED. Connections over Unix sockets are not limited.
     pub max_uploads_per_connection: usize,
     /// A request that sends nothing for this long while the server waits for it
-    /// ends with DEADLINE_EXCEEDED (an upload is discarded), and a connection
+    /// ends with DEADLINE_EXCEEDED (an upload is kept as a cut one), and a connection
     /// that sends no byte for this long after it was accepted is closed.
     pub idle_timeout: Duration,
     /// Largest payload of one ByteStream ReadResponse.

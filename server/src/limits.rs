@@ -3,7 +3,7 @@
 //!
 //! - A request body that sends nothing for [`ServerConfig::idle_timeout`] ends
 //!   with DEADLINE_EXCEEDED (a "slowloris" client opening streams and keeping
-//!   them silent, or an upload whose client hung): its upload is discarded.
+//!   them silent, or an upload whose client hung): its upload is kept as a cut one (`parked`).
 //! - A TCP connection that sends no byte for the same time after it was
 //!   accepted is closed before HTTP/2 even starts.
 //! - A connection runs at most [`ServerConfig::max_uploads_per_connection`]
@@ -87,7 +87,7 @@ where
 fn idle_status(timeout: Duration) -> Status {
     Status::deadline_exceeded(format!(
         "the client sent nothing for {} while the server waited for its request \
-         (idle_timeout); a partial upload is discarded",
+         (idle_timeout); a partial upload is kept for resuming",
         humantime::format_duration(timeout)
     ))
 }

@@ -36,7 +36,9 @@ impl Default for ParkingLimits {
     fn default() -> Self {
         ParkingLimits {
             window: Duration::from_secs(60),
-            max_uploads: 1000,
+            // A kept upload into a `disk` store holds one of the runtime's
+            // blocking threads (512 by default) while it waits for its bytes.
+            max_uploads: 256,
             max_bytes: 8 << 30,
         }
     }
@@ -88,23 +90,38 @@ impl Uploads {
         self.next_owner.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The upload `name` for the Write `owner`, if one is kept or running.
-    pub(super) async fn find(&self, name: &str, owner: u64) -> Found {
-        let session = {
+    /// The upload `name` for the Write `owner` starting at `offset`, if one
+    /// is kept or running. A Write at 0 starts the upload again (a client
+    /// that does not resume, or was told 0): what was kept of it is
+    /// discarded, and it is no longer remembered as dropped.
+    pub(super) async fn find(&self, name: &str, owner: u64, offset: i64) -> Found {
+        let (session, restarted) = {
             let mut entries = self.entries();
             match entries.get_mut(name) {
+                Some(e) if offset == 0 && !e.session.finishing() => {
+                    (None, entries.remove(name).map(|e| e.session))
+                }
                 Some(e) => {
                     e.parked = None;
                     e.session.take_over(owner);
-                    Some(e.session.clone())
+                    (Some(e.session.clone()), None)
                 }
-                None => None,
+                None => (None, None),
             }
         };
+        if let Some(old) = restarted {
+            old.take_over(owner);
+            old.discard("the upload was started again at 0").await;
+        }
         match session {
             Some(s) => {
                 let committed = s.committed().await;
                 Found::Resume(s, committed as u64)
+            }
+            None if offset == 0 => {
+                let mut dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+                dropped.pop(name);
+                Found::None
             }
             None if self.was_dropped(name) => Found::Dropped,
             None => Found::None,
@@ -135,18 +152,23 @@ impl Uploads {
     /// buffered, and the committed size would move past the answer. So the
     /// session is taken from the Write feeding it (which stops at its next
     /// message) and kept as a cut one: the answer holds until the next Write.
-    pub(super) async fn standing(self: &Arc<Self>, name: &str) -> Option<Result<i64, bool>> {
+    /// The answer also restarts the window, so that it holds for the Write
+    /// that follows. A caller that may only read gets the answer and
+    /// changes nothing.
+    pub(super) async fn standing(
+        self: &Arc<Self>,
+        name: &str,
+        may_write: bool,
+    ) -> Option<Result<i64, bool>> {
         let owner = self.new_owner();
         let session = {
             let mut entries = self.entries();
             let entry = entries.get_mut(name)?;
-            if !entry.session.finishing() {
+            if may_write && !entry.session.finishing() {
                 entry.session.take_over(owner);
-                if entry.parked.is_none() {
-                    let now = Instant::now();
-                    entry.parked = Some((now, owner));
-                    self.expire_later(name, now, owner);
-                }
+                let now = Instant::now();
+                entry.parked = Some((now, owner));
+                self.expire_later(name, now, owner);
             }
             entry.session.clone()
         };
@@ -193,6 +215,11 @@ impl Uploads {
                 entries.get_mut(name).expect("found above").parked = Some((now, owner));
             } else {
                 entries.remove(name);
+                if !self.limits.window.is_zero() {
+                    // Under the entries' lock: a Write of it sees one or the other.
+                    let mut dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+                    dropped.put(name.to_string(), ());
+                }
             }
             (session, fits)
         };
@@ -204,8 +231,6 @@ impl Uploads {
                     parked_bytes_max = self.limits.max_bytes,
                     "a cut upload is not kept: the bounds of kept uploads are reached"
                 );
-                let mut dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
-                dropped.put(name.to_string(), ());
             }
             session.discard("the upload was cut and is not kept").await;
             return;

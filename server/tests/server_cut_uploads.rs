@@ -298,6 +298,40 @@ async fn past_the_bounds_cut_uploads_are_refused_with_resource_exhausted() {
             (_, r) => assert_eq!(r.unwrap_err().code(), Code::ResourceExhausted),
         }
     }
+    // Started again at 0 under the same name, the dropped one goes through.
+    let (name, blob) = &names[2];
+    let mut w = Write::open(&channel, name);
+    w.send(blob, 0, blob.len(), true).await;
+    assert_eq!(w.end().await.unwrap().committed_size, blob.len() as i64);
+}
+
+/// A Write at 0 of an upload kept after a cut starts it again (a client
+/// that does not resume): what was kept is discarded, the new bytes stored.
+#[tokio::test]
+async fn a_write_at_zero_starts_a_kept_upload_again() {
+    let server = start(cfg(Duration::from_secs(60))).await;
+    let channel = server.channel().await;
+    let blob = data(300_000, 31);
+    let digest = Digest::of(&blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        digest.hash(),
+        blob.len()
+    );
+    let mut w = Write::open(&channel, &name);
+    w.send(&blob, 0, 120_000, false).await;
+    let _ = w.end().await;
+    assert_eq!(committed(&channel, &name).await, (120_000, false));
+    let mut w = Write::open(&channel, &name);
+    w.send(&blob, 0, blob.len(), true).await;
+    assert_eq!(w.end().await.unwrap().committed_size, blob.len() as i64);
+    assert!(server
+        .memory
+        .find_missing(std::slice::from_ref(&digest))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// QueryWriteStatus while the old stream is still attached (the server has

@@ -61,8 +61,9 @@ pub struct Limits {
     #[arg(long, default_value = "60s", value_parser = parse_window)]
     pub upload_resume_window: std::time::Duration,
     /// Cut uploads kept at once; past it, a cut upload is discarded and its
-    /// next Write gets RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1000, value_parser = parse_count::<usize>)]
+    /// continuation gets RESOURCE_EXHAUSTED (starting again at 0 works). Each
+    /// kept upload into a `disk` store holds one of 512 blocking threads.
+    #[arg(long, default_value_t = 256, value_parser = parse_count::<usize>)]
     pub max_kept_uploads: usize,
     /// Bytes held by the cut uploads kept at once (memory for a `memory`
     /// tree, temp files for `disk`), with the same effect past it.

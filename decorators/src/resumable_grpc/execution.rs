@@ -30,7 +30,7 @@
 
 use super::channels::Channels;
 use super::observe::{Observed, ObservingChannel};
-use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict};
+use super::retry::{classify, Failure, Origin, RetryPolicy, Verdict, REFUSED_PER_ATTEMPT};
 use super::unary::{UnaryRetry, COUNTERS as UNARY_COUNTERS};
 use blob_access::execution::longrunning_proto::operations_client::OperationsClient;
 use blob_access::execution::longrunning_proto::{CancelOperationRequest, GetOperationRequest};
@@ -54,6 +54,9 @@ pub const COUNTERS: &[&str] = &[
     "stalls",
     "execution_give_ups",
 ];
+
+/// Executes sent again, in one run, after the server lost the operation.
+const MAX_EXECUTES_AGAIN: u32 = 3;
 
 /// Names given to callers that now stand for another operation: far more
 /// than run at once.
@@ -165,6 +168,10 @@ struct Run {
     last_update: Instant,
     in_a_row: u32,
     failures: u32,
+    /// Executes sent again after the server lost the operation.
+    executes_again: u32,
+    /// Attempts the server never saw (refused streams), in a row.
+    refused: u32,
     transport_failed: bool,
     fresh_connection: bool,
     channel: u64,
@@ -189,6 +196,7 @@ impl Run {
             let failure = match self.attempt().await {
                 Ok(mut op) => {
                     self.in_a_row = 0;
+                    self.refused = 0;
                     self.last_update = Instant::now();
                     if !op.name.is_empty() {
                         match &self.shown {
@@ -268,16 +276,29 @@ impl Run {
         // The server lost the operation (a restart): run the action again.
         let lost = f.origin == Origin::Server && f.error.code() == Code::NotFound;
         if lost && self.name.is_some() && self.request.is_some() {
+            // Bounded: replicas behind a balancer that share no operations
+            // would otherwise run the action again at every cut.
+            self.executes_again += 1;
+            if self.executes_again > MAX_EXECUTES_AGAIN {
+                return Err(f.error.in_call(
+                    "WaitExecution (the server lost the operation each time it was executed again)",
+                ));
+            }
             counters.inc("executes_again");
             tracing::info!(backend = %self.inner.plain.connection().name(), operation = ?self.name, "the server lost the operation; executing the action again");
             self.name = None;
+            tokio::time::sleep(self.inner.policy.backoff(self.executes_again)).await;
             return Ok(());
         }
         if f.unprocessed {
-            // Never reached the server (a refused stream): at once, unbudgeted
-            // but for a pause, as unary calls do.
-            tokio::time::sleep(self.inner.policy.backoff(1)).await;
-            return Ok(());
+            // Never reached the server (a refused stream): after a pause, on
+            // a budget of their own, as unary calls do.
+            self.refused += 1;
+            let cap = self.inner.policy.max_attempts_without_progress * REFUSED_PER_ATTEMPT;
+            if self.refused < cap {
+                tokio::time::sleep(self.inner.policy.backoff(1)).await;
+                return Ok(());
+            }
         }
         self.failures += 1;
         self.in_a_row += 1;
@@ -347,6 +368,8 @@ impl ResumableGrpcExecution {
             last_update: Instant::now(),
             in_a_row: 0,
             failures: 0,
+            executes_again: 0,
+            refused: 0,
             transport_failed: false,
             fresh_connection: false,
             channel: 0,

@@ -286,6 +286,9 @@ impl ResumableWrites {
                     tracing::info!(%digest, refusals, cause = %failure.error, "resumed writes refused; starting again at 0 under a new upload name");
                     refusals = 0;
                     resource = new_name();
+                    // A new upload: its progress counts from 0, with a fresh budget.
+                    acked = 0;
+                    budget.in_a_row = 0;
                 } else {
                     // Its view of the cut may lag ours: ask it again shortly.
                     tokio::time::sleep(self.policy.backoff(refusals)).await;
@@ -333,6 +336,9 @@ impl ResumableWrites {
             };
             let progress = next > acked;
             acked = acked.max(next);
+            if progress {
+                refusals = 0;
+            }
             let delay = budget.after(&failure, progress, &what(at))?;
             self.counters.inc("write_retries");
             self.counters.add("bytes_resent", src.pulled - next);
