@@ -269,7 +269,11 @@ async fn an_upload_stopped_half_way_leaves_nothing_behind() {
         format!("disk: {{path: {}, max_size_bytes: 64MiB}}\n", cas.display()),
     )
     .unwrap();
-    let serve = Serve::start_with(Some(&config), &["--idle-timeout", "1s"]);
+    // Uploads cut half-way are kept for the resume window, then discarded.
+    let serve = Serve::start_with(
+        Some(&config),
+        &["--idle-timeout", "1s", "--upload-resume-window", "1s"],
+    );
     // One client goes silent half-way, another cancels half-way.
     let (silent_tx, rx, silent) = hanging_upload(512 << 10);
     let mut bs = ByteStreamClient::new(channel(serve.port).await);
@@ -284,7 +288,8 @@ async fn an_upload_stopped_half_way_leaves_nothing_behind() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     call.abort();
     drop((silent_tx, cancel_tx));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Past the window (and the disk store's removal of its temp files).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let mut cas_client = ContentAddressableStorageClient::new(channel(serve.port).await);
     let missing = cas_client
