@@ -106,3 +106,143 @@ fn uploads_through_cuts_resume_into_a_forwarding_serve() {
     );
     assert!(files_equal(&file, &got));
 }
+
+/// The same upload through HAProxy reloading every 200 ms between the
+/// client and serve: it arrives, never started again from 0.
+#[test]
+fn uploads_through_haproxy_reloads_resume_into_serve() {
+    if !real_haproxy() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = random_file(dir.path(), upload_size());
+    let serve = Serve::start(None);
+    let proxy = HaProxy::start(serve.port);
+    let config = resumable_config(dir.path(), "through-haproxy.yaml", proxy.port);
+    let (out, reloads) = proxy.with_reloads(|| {
+        cli(&[
+            "put".as_ref(),
+            "-v".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            file.as_os_str(),
+        ])
+    });
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "put failed: {log}");
+    assert!(reloads > 0, "HAProxy was never reloaded");
+    assert_eq!(
+        logged(&log, "write_restarts"),
+        0,
+        "started again at 0: {log}"
+    );
+    eprintln!(
+        "{reloads} reloads, {} resumptions",
+        logged(&log, "write_retries")
+    );
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let got = dir.path().join("got");
+    get_cli(
+        &grpc_config(dir.path(), "direct.yaml", serve.port),
+        &digest,
+        &got,
+    );
+    assert!(files_equal(&file, &got));
+}
+
+/// Many clients cut at once, past serve's bound on kept uploads: each
+/// upload still arrives (a dropped one starts again at 0), serve's memory
+/// stays bounded while the blobs go to disk, and nothing is left in the
+/// store's temp directory.
+#[test]
+fn many_uploads_cut_at_once_stay_within_the_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let disk = dir.path().join("disk.yaml");
+    std::fs::write(
+        &disk,
+        format!(
+            "disk: {{path: {}, max_size_bytes: 4GiB}}\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let serve = Serve::start_with(Some(&disk), &["--max-kept-uploads", "4"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cuts = Faults::time(Kill::Rst, Duration::from_millis(250));
+    let proxy = rt
+        .block_on(Proxy::start(
+            ([127, 0, 0, 1], serve.port).into(),
+            Some(cuts),
+        ))
+        .unwrap();
+    let config = resumable_config(dir.path(), "cut.yaml", proxy.addr.port());
+    let files: Vec<_> = (0..12u64)
+        .map(|i| {
+            let sub = dir.path().join(format!("f{i}"));
+            std::fs::create_dir(&sub).unwrap();
+            random_file(&sub, (48 << 20) + i)
+        })
+        .collect();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (peak, done, pid) = (peak.clone(), done.clone(), serve.pid());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                let kib: u64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap_or(0);
+                peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let puts: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let (config, f) = (config.clone(), f.clone());
+            std::thread::spawn(move || {
+                cli(&[
+                    "put".as_ref(),
+                    "-v".as_ref(),
+                    "--config".as_ref(),
+                    config.as_os_str(),
+                    f.as_os_str(),
+                ])
+            })
+        })
+        .collect();
+    for (p, f) in puts.into_iter().zip(&files) {
+        let out = p.join().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "put of {} failed: {log}", f.display());
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().unwrap();
+    let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) >> 10;
+    let kills = proxy.kills.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("12 uploads of 48 MiB: {kills} connections reset, serve's peak RSS {peak_mib} MiB");
+    assert!(kills >= 12, "too few cuts: {kills}");
+    // 576 MiB went through; what serve holds is bounded by the uploads in
+    // flight, not by their size.
+    assert!(peak_mib < 300, "serve's peak RSS {peak_mib} MiB");
+    let direct = grpc_config(dir.path(), "direct.yaml", serve.port);
+    for f in &files {
+        let digest = {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(blob_access::util::digest_file(f))
+                .unwrap()
+                .to_string()
+        };
+        let got = dir.path().join("got");
+        get_cli(&direct, &digest, &got);
+        assert!(files_equal(f, &got));
+    }
+    drop(serve);
+    let left = std::fs::read_dir(store.join("tmp")).unwrap().count();
+    assert_eq!(left, 0, "temp files left in the store");
+}
