@@ -172,6 +172,9 @@ impl Uploads {
             }
             entry.session.clone()
         };
+        if may_write {
+            session.finish_if_whole().await;
+        }
         Some(session.standing().await)
     }
 

@@ -370,3 +370,30 @@ async fn query_write_status_stops_a_stream_still_attached_at_its_answer() {
         .unwrap()
         .is_empty());
 }
+
+/// Cut after its last byte but before finish_write: QueryWriteStatus
+/// finishes the upload (the backend verifies it) and reports it complete, as
+/// a client that has nothing left to send needs.
+#[tokio::test]
+async fn an_upload_cut_after_its_last_byte_is_complete() {
+    let server = start(cfg(Duration::from_secs(60))).await;
+    let channel = server.channel().await;
+    let blob = data(200_000, 41);
+    let digest = Digest::of(&blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        digest.hash(),
+        blob.len()
+    );
+    let mut w = Write::open(&channel, &name);
+    w.send(&blob, 0, blob.len(), false).await;
+    let _ = w.end().await;
+    assert_eq!(committed(&channel, &name).await, (blob.len() as i64, true));
+    assert!(server
+        .memory
+        .find_missing(std::slice::from_ref(&digest))
+        .await
+        .unwrap()
+        .is_empty());
+}
