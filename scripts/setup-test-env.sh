@@ -3,7 +3,9 @@
 # per test by scripts/nginx.sh and scripts/haproxy.sh), Bazel 4.2.3 (a real REAPI client, run by
 # tests/support/bazel.rs), BuildGrid 0.4.4 (a real REAPI server, run by scripts/buildgrid.sh and,
 # with execution, by scripts/buildgrid-exec.sh) in a Python venv at target/venv, and PostgreSQL
-# (for buildgrid-exec.sh's scheduler). Idempotent: a second run only checks and exits in ~1 s.
+# (for buildgrid-exec.sh's scheduler), Garage 2.5.0 (an S3 object store, run as a private
+# three-node cluster by scripts/garage.sh) and awscli (in the venv, an S3 client).
+# Idempotent: a second run only checks and exits in ~1 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."   # everything below is relative to the repo root
 
@@ -79,7 +81,20 @@ fi
 # openssl makes the private CAs of the TLS tests with real clients.
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 
-# --- Python venv with BuildGrid --------------------------------------------------------------
+# --- Garage (S3 object store) ----------------------------------------------------------------
+# Not packaged by Debian: cargo builds the crates.io release once (long: ~500 crates), with
+# --locked so that its own Cargo.lock, not newer dependencies, is used. Only $CARGO_HOME/bin is
+# checked: scripts/garage.sh uses a garage on PATH first and falls back to that one.
+GARAGE_BIN=${CARGO_HOME:-$HOME/.cargo}/bin/garage
+if [ ! -x "$GARAGE_BIN" ]; then
+    command -v cargo >/dev/null 2>&1 || { echo "setup-test-env: cargo missing (needed to build garage)" >&2; exit 1; }
+    echo "setup-test-env: building garage 2.5.0 with cargo install (takes a while)"
+    cargo install garage --locked --version 2.5.0
+else
+    echo "setup-test-env: garage already installed ($("$GARAGE_BIN" --version 2>/dev/null | head -1 | cut -d' ' -f1-2))"
+fi
+
+# --- Python venv with BuildGrid and awscli ---------------------------------------------------
 # buildgrid 0.4.4 requires Python >= 3.11; prefer $PYTHON, then python3, then python3.11.
 PY=""
 for cand in "${PYTHON:-}" python3 python3.11 /usr/bin/python3; do
@@ -96,8 +111,8 @@ fi
 want=$(sha256sum "$REQS" | cut -d' ' -f1)
 # Fast path: the venv was built from this exact requirements file and still imports.
 if [ -x "$VENV/bin/bgd" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
-   "$VENV/bin/python" -c 'import buildgrid, grpc, psycopg2' 2>/dev/null; then
-    echo "setup-test-env: $VENV already has buildgrid ($REQS unchanged)"
+   "$VENV/bin/python" -c 'import buildgrid, grpc, psycopg2, awscli' 2>/dev/null; then
+    echo "setup-test-env: $VENV already has buildgrid and awscli ($REQS unchanged)"
 else
     echo "setup-test-env: creating $VENV with $($PY --version) and installing $REQS"
     rm -rf "$VENV"   # a half-built or stale venv is cheaper to rebuild than to repair
@@ -109,6 +124,7 @@ else
     "$VENV/bin/bgd" server start --help >/dev/null
     "$VENV/bin/bgd" cas --help >/dev/null
     "$VENV/bin/python" -c 'import psycopg2' >/dev/null
+    "$VENV/bin/aws" --version >/dev/null
     echo "$want" > "$STAMP"
 fi
 
@@ -117,5 +133,5 @@ if nginx -V 2>&1 | grep -q -- --without-http_grpc_module; then
     echo "setup-test-env: $(command -v nginx) lacks the grpc module" >&2; exit 1
 fi
 echo "setup-test-env: OK (bgd at $VENV/bin/bgd, nginx at $(command -v nginx)," \
-    "haproxy at $(command -v haproxy)," \
+    "haproxy at $(command -v haproxy), garage at $GARAGE_BIN, aws at $VENV/bin/aws," \
     "bazel at $(command -v bazel), postgres at $(ls -d /usr/lib/postgresql/*/bin | tail -1))"
