@@ -62,7 +62,7 @@ pub trait ActionCache: Send + Sync + 'static {
 pub const MAX_ACTION_RESULT_SIZE: usize = 4 << 20;
 
 /// The stored form of a result; RESOURCE_EXHAUSTED beyond [`MAX_ACTION_RESULT_SIZE`].
-pub(crate) fn encode(action: &Digest, result: &ActionResult, backend: &str) -> Result<Bytes> {
+pub fn encode(action: &Digest, result: &ActionResult, backend: &str) -> Result<Bytes> {
     let len = result.encoded_len();
     if len > MAX_ACTION_RESULT_SIZE {
         return Err(Error::resource_exhausted(format!(
@@ -88,7 +88,7 @@ pub(crate) fn check_fits(action: &Digest, cost: u64, max_size: u64, backend: &st
 }
 
 /// Parses a stored result; DATA_LOSS naming the action if it does not parse.
-pub(crate) fn decode(action: &Digest, data: &[u8], backend: &str) -> Result<ActionResult> {
+pub fn decode(action: &Digest, data: &[u8], backend: &str) -> Result<ActionResult> {
     ActionResult::decode(data).map_err(|e| {
         Error::data_loss(format!("stored action result does not parse: {e}"))
             .with_backend(backend)
@@ -97,7 +97,7 @@ pub(crate) fn decode(action: &Digest, data: &[u8], backend: &str) -> Result<Acti
 }
 
 /// NOT_FOUND for an action without a stored result.
-pub(crate) fn not_found(action: &Digest, backend: &str) -> Error {
+pub fn not_found(action: &Digest, backend: &str) -> Error {
     Error::not_found("no action result")
         .with_backend(backend)
         .with_digest(action)

@@ -217,6 +217,8 @@ nodes! {
     "memory" => Memory(blob_access::memory::MemoryConfig) in [Cas, ActionCache],
     /// A store in a local directory, bounded by size, surviving restarts.
     "disk" => Disk(blob_access::disk::DiskConfig) in [Cas, ActionCache],
+    /// A bucket of an S3-compatible object store; reads cut mid-body resume with ranged GETs, large blobs go up as multipart uploads.
+    "s3" => S3(blob_access_s3::S3Config) in [Cas, ActionCache],
     /// A remote REAPI server (CAS, ActionCache or Execution); a stream cut in the middle fails the call.
     "grpc" => Grpc(blob_access::grpc::GrpcConfig) in [Cas, ActionCache, Execution],
     /// A remote REAPI server whose reads resume at `read_offset` when a stream is cut, and whose executions resume with WaitExecution.
