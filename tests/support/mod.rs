@@ -185,6 +185,123 @@ impl Drop for BuildGridExec {
     }
 }
 
+/// Whether Garage is installed, as [`real_servers`].
+pub fn real_garage() -> bool {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let have = Command::new("garage").arg("--version").output().is_ok()
+        || cargo_home.join("bin/garage").exists();
+    installed("garage", have)
+}
+
+/// A three-node Garage cluster (`scripts/garage.sh`), replication factor 3,
+/// with a bucket `blob-access` and a key allowed on it; stopped on drop.
+pub struct Garage {
+    pub dir: tempfile::TempDir,
+    /// Node I (1..3) serves S3 on `port + I - 1`.
+    pub port: u16,
+    /// `AWS_ACCESS_KEY_ID` and the other lines of the script's `env` file.
+    pub env: Vec<(String, String)>,
+}
+
+impl Garage {
+    pub fn start() -> Garage {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports(9);
+        script(&[
+            "scripts/garage.sh",
+            "start",
+            dir.path().to_str().unwrap(),
+            &port.to_string(),
+        ]);
+        let env = std::fs::read_to_string(dir.path().join("env")).unwrap();
+        let env = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Garage { dir, port, env }
+    }
+    /// Node I's S3 endpoint.
+    pub fn endpoint(&self, node: u16) -> String {
+        format!("http://127.0.0.1:{}", self.port + node - 1)
+    }
+    pub fn var(&self, name: &str) -> String {
+        self.env.iter().find(|(k, _)| k == name).unwrap().1.clone()
+    }
+    /// An `s3` node of a config file on `endpoint`, with the cluster's key.
+    pub fn node_yaml(&self, endpoint: &str, extra: &str) -> String {
+        format!(
+            "s3: {{bucket: blob-access, endpoint: \"{endpoint}\", region: garage, access_key_id: {}, secret_access_key: {}{extra}}}",
+            self.var("AWS_ACCESS_KEY_ID"),
+            self.var("AWS_SECRET_ACCESS_KEY")
+        )
+    }
+    pub fn stop_node(&self, node: u16) {
+        self.node("stop-node", node)
+    }
+    pub fn start_node(&self, node: u16) {
+        self.node("start-node", node)
+    }
+    fn node(&self, what: &str, node: u16) {
+        let dir = self.dir.path().to_str().unwrap();
+        script(&["scripts/garage.sh", what, dir, &node.to_string()]);
+    }
+    /// `aws s3api ARGS --endpoint-url` node 1 (awscli from the venv).
+    pub fn aws(&self, args: &[&str]) -> Output {
+        Command::new(root().join("target/venv/bin/aws"))
+            .args(args)
+            .args(["--endpoint-url", &self.endpoint(1)])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap()
+    }
+    /// The multipart uploads not completed nor aborted in the bucket.
+    pub fn open_multipart_uploads(&self) -> usize {
+        let out = self.aws(&[
+            "s3api",
+            "list-multipart-uploads",
+            "--bucket",
+            "blob-access",
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return 0;
+        }
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["Uploads"].as_array().map_or(0, |a| a.len())
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let dir = self.dir.path().to_str().unwrap();
+        script(&["scripts/garage.sh", "stop", dir]);
+    }
+}
+
+/// The first of `n` consecutive free loopback ports.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base > 65535 - n {
+            continue;
+        }
+        let all_free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+}
+
 /// A gRPC reverse proxy (h2c both ways) to `upstream_port`, run by a script
 /// with the commands `start DIR PORT UPSTREAM_PORT`, `reload DIR` and `stop DIR`;
 /// stopped on drop. Made by [`Nginx`] or [`HaProxy`].
