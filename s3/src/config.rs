@@ -182,7 +182,15 @@ impl S3Config {
         self.check(node)?;
         // The chain first (environment, web identity, metadata), then the
         // config's own values over it.
+        // No whole-request timeout: a large GET or part may take minutes;
+        // stalls are caught by `stall_timeout` (reads) and the read timeout.
+        // Set first: `with_allow_http` below changes these options.
+        let options = ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(std::time::Duration::from_secs(10))
+            .with_read_timeout(self.stall_timeout.get());
         let mut b = AmazonS3Builder::from_env()
+            .with_client_options(options)
             .with_bucket_name(&self.bucket)
             .with_region(&self.region);
         if let Some(endpoint) = &self.endpoint {
@@ -210,14 +218,7 @@ impl S3Config {
             max_retries: library_retries,
             retry_timeout: std::time::Duration::from_secs(180),
         };
-        // No whole-request timeout: a large GET or part may take minutes;
-        // stalls are caught by `stall_timeout` (reads) and the read timeout.
-        let options = ClientOptions::new()
-            .with_timeout_disabled()
-            .with_connect_timeout(std::time::Duration::from_secs(10))
-            .with_read_timeout(self.stall_timeout.get());
         b.with_retry(retry)
-            .with_client_options(options)
             .build()
             .map(Arc::new)
             .map_err(|e| Error::invalid_argument(format!("{node}: {e}")))

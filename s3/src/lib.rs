@@ -39,7 +39,8 @@ use blob_access::util::failed;
 use blob_access::verify::verify;
 use blob_access::{BlobAccess, BlobStream, Digest, NodeMetrics, ReadRange, Result};
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::aws::AmazonS3;
+use object_store::ObjectStoreExt;
 use std::sync::Arc;
 
 const COUNTERS: &[&str] = &[
@@ -53,16 +54,17 @@ const COUNTERS: &[&str] = &[
     "bytes_written",
     "multipart_uploads",
     "parts",
+    "part_retries",
     "aborted_uploads",
 ];
 
 /// The CAS in a bucket (see the crate documentation).
 pub struct S3BlobAccess {
     name: Arc<str>,
-    /// Reads resume on their own terms: this client does not retry.
-    reads: Arc<dyn ObjectStore>,
-    /// Everything else: the client retries failed requests (and parts) itself.
-    writes: Arc<dyn ObjectStore>,
+    /// Reads and parts are retried here, on their own terms: this client does not retry.
+    reads: Arc<AmazonS3>,
+    /// Everything else: the client retries failed requests itself.
+    writes: Arc<AmazonS3>,
     keys: keys::Keys,
     config: S3Config,
     counters: Arc<Counters>,
@@ -137,11 +139,13 @@ impl BlobAccess for S3BlobAccess {
         }
         write::Upload {
             store: &self.writes,
+            parts_store: &self.reads,
             key: &self.keys.cas(digest),
             node: &self.name,
             digest,
             part_size: self.config.part_size.bytes(),
             parts_in_flight: self.config.parts_in_flight,
+            policy: self.config.retry_policy(),
             counters: &self.counters,
         }
         .run(verified)

@@ -3,7 +3,7 @@
 
 use crate::config::S3Config;
 use crate::keys::Keys;
-use blob_access::{Error, Result};
+use blob_access::{Code, Error, Result};
 use object_store::ObjectStore;
 use std::time::Duration;
 
@@ -48,16 +48,14 @@ async fn check(config: &S3Config, node: &str) -> Result<()> {
             )))
         }
     };
-    let why = match &e {
-        object_store::Error::NotFound { .. } => "the bucket does not exist".to_string(),
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
-            "the credentials were refused (check access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)".to_string()
-        }
-        other => format!("it cannot be listed: {other}"),
+    let code = crate::errors::from_store(&e, node).code();
+    let why = match code {
+        Code::NotFound => format!("the bucket does not exist ({e})"),
+        Code::PermissionDenied | Code::Unauthenticated => format!(
+            "the credentials were refused (check access_key_id and secret_access_key, \
+             or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY): {e}"
+        ),
+        _ => format!("it cannot be listed: {e}"),
     };
-    Err(Error::new(
-        crate::errors::from_store(&e, node).code(),
-        format!("{node}: {where_}: {why}"),
-    ))
+    Err(Error::new(code, format!("{node}: {where_}: {why}")))
 }
