@@ -130,7 +130,9 @@ async fn round_trips_and_a_node_down() {
     assert_eq!(e.code(), Code::DataLoss, "{e}");
     assert!(e.to_string().contains(&claimed.to_string()), "{e}");
     assert_eq!(
-        n.find_missing(&[claimed.clone()]).await.unwrap(),
+        n.find_missing(std::slice::from_ref(&claimed))
+            .await
+            .unwrap(),
         vec![claimed]
     );
     assert_eq!(g.open_multipart_uploads(), 0);
@@ -348,7 +350,10 @@ async fn a_dropped_upload_leaves_no_multipart_upload_behind() {
     let gone = wait_for(|| g.open_multipart_uploads() == 0).await;
     assert!(gone, "a dropped upload left its multipart upload open");
     assert_eq!(n.counter("aborted_uploads"), 1);
-    assert_eq!(n.find_missing(&[d.clone()]).await.unwrap(), vec![d]);
+    assert_eq!(
+        n.find_missing(std::slice::from_ref(&d)).await.unwrap(),
+        vec![d]
+    );
 }
 
 /// Polls `ok` for up to 10 s.
