@@ -119,6 +119,11 @@ impl Garage {
                 .unwrap()
                 .to_string()
         };
+        let mut servers = SERVERS.lock().unwrap();
+        for i in 1..=3 {
+            let pid = std::fs::read_to_string(dir.join(format!("node{i}.pid"))).unwrap();
+            servers.push(pid.trim().parse().unwrap());
+        }
         Garage {
             key_id: var("AWS_ACCESS_KEY_ID"),
             secret: var("AWS_SECRET_ACCESS_KEY"),
@@ -166,6 +171,7 @@ impl Garage {
 
 impl Drop for Garage {
     fn drop(&mut self) {
+        SERVERS.lock().unwrap().clear();
         let _ = Command::new("bash")
             .arg(root().join("scripts/garage.sh"))
             .arg("stop")
@@ -175,10 +181,59 @@ impl Drop for Garage {
     }
 }
 
-/// What one child did: seconds, peak RSS and its stderr.
+/// Servers whose CPU time each [`run`] counts: the running cluster's nodes.
+static SERVERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// And serve's, apart.
+static SERVE: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// User + system seconds of the processes `pids` so far.
+fn cpu_of(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command (which may hold spaces): state is
+            // field 3, utime and stime are 14 and 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// User + system seconds of Garage's nodes and of serve so far.
+fn servers_cpu() -> (f64, f64) {
+    let garage = cpu_of(&SERVERS.lock().unwrap());
+    let serve = cpu_of(&SERVE.lock().unwrap().iter().copied().collect::<Vec<_>>());
+    (garage, serve)
+}
+
+/// User + system seconds of this process's waited-for children so far.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// What one child did: seconds, peak RSS, CPU seconds (its own, and the
+/// servers' meanwhile) and its stderr.
 struct Run {
     secs: f64,
     rss_mib: f64,
+    cpu: f64,
+    servers_cpu: f64,
+    serve_cpu: f64,
     log: String,
 }
 
@@ -209,6 +264,7 @@ fn run(cmd: &mut Command, stdin: Option<&[u8]>, stdout: Option<&Path>) -> Run {
     } else {
         Stdio::null()
     });
+    let (cpu0, servers0) = (children_cpu(), servers_cpu());
     let start = Instant::now();
     let mut child = cmd.spawn().unwrap();
     if let Some(input) = stdin {
@@ -232,12 +288,17 @@ fn run(cmd: &mut Command, stdin: Option<&[u8]>, stdout: Option<&Path>) -> Run {
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
     let secs = start.elapsed().as_secs_f64();
+    let (cpu, servers) = (children_cpu() - cpu0, servers_cpu());
+    let (servers, serve) = (servers.0 - servers0.0, servers.1 - servers0.1);
     let log = std::fs::read_to_string(&err_path).unwrap_or_default();
     let _ = std::fs::remove_file(&err_path);
     assert!(status.success(), "{cmd:?} failed ({status}):\n{log}");
     Run {
         secs,
         rss_mib: peak_kib as f64 / 1024.0,
+        cpu,
+        servers_cpu: servers,
+        serve_cpu: serve,
         log,
     }
 }
@@ -395,6 +456,7 @@ impl Serve {
             .spawn()
             .unwrap();
         wait_for(port);
+        *SERVE.lock().unwrap() = Some(child.id());
         Serve { child, port, log }
     }
 
@@ -421,6 +483,7 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        *SERVE.lock().unwrap() = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -493,10 +556,12 @@ fn main() {
     println!("{mib} MiB random blob (one run each; each upload into a fresh cluster):");
     let line = |what: &str, r: &Run| {
         println!(
-            "  {what:<44} {:6.2} s {:6.0} MiB/s  peak RSS {:6.1} MiB",
+            "  {what:<40} {:6.2} s {:5.0} MiB/s  peak RSS {:6.1} MiB  CPU s: own {:5.1}, Garage {:5.1}",
             r.secs,
             mibs(size, r.secs),
-            r.rss_mib
+            r.rss_mib,
+            r.cpu,
+            r.servers_cpu
         )
     };
     line("blob-access put (s3 node, defaults)", &put);
@@ -521,6 +586,9 @@ fn main() {
         sha256sum.secs,
         mibs(size, sha256sum.secs)
     );
+    println!(
+        "  (CPU s: user+system of the client process, and of the three Garage nodes meanwhile)"
+    );
     note_trouble("blob-access put", &put);
     note_trouble("blob-access get", &get);
     if let Some((up, down)) = &theirs {
@@ -531,10 +599,11 @@ fn main() {
     // --- part size x parts in flight --------------------------------------------------------
     if env_usize("S3_BENCH_SWEEP", 1) != 0 {
         println!(
-            "put of {mib} MiB by part_size x parts_in_flight (s, MiB/s, peak RSS MiB; each into a fresh cluster):"
+            "put of {mib} MiB by part_size x parts_in_flight, each into a fresh cluster \
+             (s, MiB/s, peak RSS MiB, CPU s own+Garage):"
         );
         println!(
-            "  {:<10} {:>26} {:>26} {:>26}",
+            "  {:<10} {:>30} {:>30} {:>30}",
             "part_size", "2 in flight", "4 in flight", "8 in flight"
         );
         let mut trouble = Vec::new();
@@ -552,12 +621,14 @@ fn main() {
                     None,
                 );
                 row += &format!(
-                    " {:>26}",
+                    " {:>30}",
                     format!(
-                        "{:.2}s {:4.0} {:5.0}",
+                        "{:.2}s {:4.0} {:4.0}M {:.1}+{:.1}",
                         r.secs,
                         mibs(size, r.secs),
-                        r.rss_mib
+                        r.rss_mib,
+                        r.cpu,
+                        r.servers_cpu
                     )
                 );
                 trouble.push((format!("put {part} MiB x {parts}"), r));
@@ -574,10 +645,12 @@ fn main() {
         );
         drop(garage);
         println!(
-            "  defaults (16 MiB x 4) with AWS_UNSIGNED_PAYLOAD=true: {:.2}s {:4.0} MiB/s {:5.0} MiB RSS",
+            "  defaults (16 MiB x 4) with AWS_UNSIGNED_PAYLOAD=true: {:.2}s {:4.0} MiB/s {:4.0} MiB RSS, CPU s {:.1}+{:.1}",
             r.secs,
             mibs(size, r.secs),
-            r.rss_mib
+            r.rss_mib,
+            r.cpu,
+            r.servers_cpu
         );
         trouble.push(("put unsigned payload".into(), r));
         for (what, r) in &trouble {
@@ -700,10 +773,13 @@ fn main() {
     );
     let tree_line = |what: &str, r: &Run| {
         println!(
-            "  {what:<44} {:6.2} s {:7.0} files/s  peak RSS {:6.1} MiB",
+            "  {what:<44} {:6.2} s {:5.0} files/s  peak RSS {:5.1} MiB  CPU s: own {:4.1}, Garage {:4.1}, serve {:4.1}",
             r.secs,
             n as f64 / r.secs,
-            r.rss_mib
+            r.rss_mib,
+            r.cpu,
+            r.servers_cpu,
+            r.serve_cpu
         )
     };
     tree_line("put, straight to s3", &put_direct);
@@ -715,20 +791,27 @@ fn main() {
         tree_line("aws s3 cp --recursive (download)", down);
     }
     println!("  serve's peak RSS over put, fetch-tree, find-missing: {serve_rss:.1} MiB");
+    println!("  (CPU s: user+system of the client, and of Garage's nodes and of serve meanwhile)");
     println!("find-missing of 10,000 digests (5,000 stored), CLI, one call (whole process):");
     for (h, r) in &heads {
         println!(
-            "  {:<44} {:6.2} s {:7.0} digests/s",
+            "  {:<44} {:6.2} s {:7.0} digests/s  CPU s: own {:4.1}, Garage {:4.1}, serve {:4.1}",
             format!("straight to s3, concurrent_heads {h}"),
             r.secs,
-            10_000.0 / r.secs
+            10_000.0 / r.secs,
+            r.cpu,
+            r.servers_cpu,
+            r.serve_cpu
         );
     }
     println!(
-        "  {:<44} {:6.2} s {:7.0} digests/s",
+        "  {:<44} {:6.2} s {:7.0} digests/s  CPU s: own {:4.1}, Garage {:4.1}, serve {:4.1}",
         "through serve (s3, concurrent_heads 64)",
         fm_serve.secs,
-        10_000.0 / fm_serve.secs
+        10_000.0 / fm_serve.secs,
+        fm_serve.cpu,
+        fm_serve.servers_cpu,
+        fm_serve.serve_cpu
     );
     note_trouble("put straight", &put_direct);
     note_trouble("put through serve", &put_serve);
@@ -740,6 +823,9 @@ fn main() {
     let serve_run = Run {
         secs: 0.0,
         rss_mib: 0.0,
+        cpu: 0.0,
+        servers_cpu: 0.0,
+        serve_cpu: 0.0,
         log: serve_log,
     };
     note_trouble("serve", &serve_run);
