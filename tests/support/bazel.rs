@@ -50,6 +50,8 @@ pub struct Bazel {
     dir: tempfile::TempDir,
     remote_cache: String,
     builds: usize,
+    /// Startup options after ours (see [`Bazel::with_startup_options`]).
+    startup: Vec<String>,
 }
 
 /// What one `bazel build` did. The counts come from the execution log; the
@@ -73,6 +75,20 @@ pub struct Spawn {
     /// "local", "remote cache hit", ...
     pub runner: String,
     pub remote_cache_hit: bool,
+    /// The files it produced (`actualOutputs`), with their digests.
+    pub outputs: Vec<LoggedFile>,
+}
+
+/// A file of a spawn, with the digest Bazel computed for it.
+#[derive(Debug)]
+pub struct LoggedFile {
+    /// "bazel-out/k8-fastbuild/bin/hello.txt"
+    pub path: String,
+    /// Lowercase hex.
+    pub hash: String,
+    pub size_bytes: u64,
+    /// Bazel's name of the digest function: "SHA-256", "SHA-1"...
+    pub hash_function: String,
 }
 
 impl BuildSummary {
@@ -118,7 +134,17 @@ impl Bazel {
             dir,
             remote_cache: remote_cache.to_string(),
             builds: 0,
+            startup: Vec::new(),
         }
+    }
+
+    /// This Bazel with more startup options (e.g.
+    /// `--host_jvm_args=-Dbazel.DigestFunction=SHA1`), passed to every command
+    /// after the usual ones: a server started with other options would be
+    /// restarted, so set them before the first command.
+    pub fn with_startup_options(mut self, options: &[&str]) -> Bazel {
+        self.startup.extend(options.iter().map(|o| o.to_string()));
+        self
     }
 
     /// Points the next builds at another cache (e.g. a restarted server's new port).
@@ -144,6 +170,7 @@ impl Bazel {
             .arg(format!("--output_user_root={}", user_root.display()))
             // A server a test failed to shut down exits by itself soon.
             .arg("--max_idle_secs=60")
+            .args(&self.startup)
             .arg(command)
             .args(args)
             .current_dir(self.workspace())
@@ -244,9 +271,35 @@ fn parse_execution_log(json: &str) -> Vec<Spawn> {
                 progress_message: field("progressMessage").as_str().unwrap().into(),
                 runner: field("runner").as_str().unwrap().into(),
                 remote_cache_hit: field("remoteCacheHit").as_bool().unwrap(),
+                outputs: field("actualOutputs")
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(parse_logged_file)
+                    .collect(),
             }
         })
         .collect()
+}
+
+/// `{"path": ..., "digest": {"hash": ..., "sizeBytes": "17", "hashFunctionName": ...}}`.
+fn parse_logged_file(file: &serde_json::Value) -> LoggedFile {
+    let text = |v: &serde_json::Value, name: &str| -> String {
+        v.get(name)
+            .and_then(|f| f.as_str())
+            .unwrap_or_else(|| panic!("no {name} in logged file {file:#}"))
+            .to_string()
+    };
+    let digest = file
+        .get("digest")
+        .unwrap_or_else(|| panic!("no digest in logged file {file:#}"));
+    LoggedFile {
+        path: text(file, "path"),
+        hash: text(digest, "hash"),
+        // int64 fields are JSON strings in protobuf's mapping.
+        size_bytes: text(digest, "sizeBytes").parse().unwrap(),
+        hash_function: text(digest, "hashFunctionName"),
+    }
 }
 
 /// "INFO: 6 processes: 5 remote cache hit, 1 internal." -> {"internal": 1,
