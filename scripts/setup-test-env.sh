@@ -59,6 +59,13 @@ else
     echo "setup-test-env: haproxy already installed ($(haproxy -v | head -1))"
 fi
 
+# b3sum: the BLAKE3 reference tool, what `put --digest-function blake3` is checked against.
+if ! command -v b3sum >/dev/null 2>&1; then
+    apt_install b3sum
+else
+    echo "setup-test-env: b3sum already installed ($(b3sum --version))"
+fi
+
 # bazel-bootstrap is Debian's Bazel 4.2.3, with its JDK, self-contained: builds need no download.
 # It has no Recommends; without its dependencies' ones it still builds the tests' genrules.
 if ! command -v bazel >/dev/null 2>&1; then

@@ -3,6 +3,7 @@
 mod cmd;
 mod progress;
 
+use blob_access::DigestFunction;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,14 @@ struct Cli {
     quiet: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--digest-function`, on the commands that name blobs.
+#[derive(clap::Args)]
+struct FunctionArg {
+    /// Digest function of the blobs: sha256, blake3, sha1, md5, sha384, sha512.
+    #[arg(long = "digest-function", default_value = "sha256")]
+    function: DigestFunction,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +49,8 @@ enum Command {
         /// Files sent at once (a `grpc` node batches small ones together).
         #[arg(short, long, default_value_t = 64, value_parser = at_least_one)]
         jobs: usize,
+        #[command(flatten)]
+        digest_function: FunctionArg,
     },
     /// Download a blob to a file (atomically) or to stdout.
     Get {
@@ -50,6 +61,8 @@ enum Command {
         /// Output file; `-` or absent for stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        digest_function: FunctionArg,
     },
     /// Print the digests that are not stored, one a line.
     FindMissing {
@@ -57,6 +70,8 @@ enum Command {
         config: PathBuf,
         /// HASH/SIZE... ; none (or `-`) reads them from stdin, one a line.
         digests: Vec<String>,
+        #[command(flatten)]
+        digest_function: FunctionArg,
     },
     /// The main job on embedded defaults: a large blob read through a proxy that
     /// kills connections, once plainly (fails) and once resuming (succeeds).
@@ -89,6 +104,8 @@ enum Command {
         /// default the filesystem is synced once at the end.
         #[arg(long)]
         fsync: bool,
+        #[command(flatten)]
+        digest_function: FunctionArg,
     },
     /// Serve a config's trees as a REAPI remote cache (ContentAddressableStorage,
     /// ByteStream, ActionCache, Capabilities) for Bazel and other build tools.
@@ -181,15 +198,23 @@ fn main() -> ExitCode {
                 config,
                 files,
                 jobs,
-            } => cmd::transfer::put(&config, &files, jobs, &ui).await,
+                digest_function,
+            } => cmd::transfer::put(&config, &files, jobs, digest_function.function, &ui).await,
             Command::Get {
                 config,
                 digest,
                 output,
-            } => cmd::transfer::get(&config, &digest, output.as_deref(), &ui).await,
-            Command::FindMissing { config, digests } => {
-                cmd::transfer::find_missing(&config, &digests).await
+                digest_function,
+            } => {
+                let output = output.as_deref();
+                let function = digest_function.function;
+                cmd::transfer::get(&config, &digest, function, output, &ui).await
             }
+            Command::FindMissing {
+                config,
+                digests,
+                digest_function,
+            } => cmd::transfer::find_missing(&config, &digests, digest_function.function).await,
             Command::Demo {
                 size_mib,
                 kill_every,
@@ -208,7 +233,15 @@ fn main() -> ExitCode {
                 outdir,
                 jobs,
                 fsync,
-            } => cmd::fetch_tree::run(&config, &digest, &outdir, jobs, fsync, &ui).await,
+                digest_function,
+            } => {
+                let opts = cmd::fetch_tree::Options {
+                    jobs,
+                    fsync,
+                    function: digest_function.function,
+                };
+                cmd::fetch_tree::run(&config, &digest, &outdir, opts, &ui).await
+            }
             Command::Serve {
                 config,
                 listen,

@@ -350,7 +350,7 @@ pub(crate) fn digest_of_path(objects: &Path, path: &Path) -> Option<Digest> {
     let [function, shard, file] = parts[..] else {
         return None;
     };
-    let function = [DigestFunction::Sha256]
+    let function = DigestFunction::ALL
         .into_iter()
         .find(|f| f.name() == function)?;
     let (hash, size) = file.rsplit_once('-')?;

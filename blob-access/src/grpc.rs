@@ -112,7 +112,7 @@ impl GrpcBlobAccess {
         }
     }
 
-    /// BatchReadBlobs for `digests`, one call per instance name among them;
+    /// BatchReadBlobs for `digests`, one call per instance name and digest function among them;
     /// answers each, in order. The bytes are verified by `get`, as any other read.
     async fn read_batch(
         conn: GrpcConnection,
@@ -120,7 +120,7 @@ impl GrpcBlobAccess {
         counters: Arc<Counters>,
         digests: Vec<Digest>,
     ) -> Vec<Result<Bytes>> {
-        let groups = by_instance(digests.iter().cloned());
+        let groups = by_call(digests.iter().cloned());
         if groups.len() == 1 {
             return Self::read_batch_of_one_instance(conn, &*calls, counters, digests).await;
         }
@@ -151,6 +151,7 @@ impl GrpcBlobAccess {
         let req = BatchReadBlobsRequest {
             instance_name: conn.instance_name_for(&digests[0]),
             digests: unique.iter().map(|d| d.to_proto()).collect(),
+            digest_function: digests[0].function().to_proto(),
             ..Default::default()
         };
         let answered = match calls.batch_read_blobs(req).await {
@@ -220,7 +221,7 @@ impl GrpcBlobAccess {
         }
     }
 
-    /// BatchUpdateBlobs for `blobs`, one call per instance name among them;
+    /// BatchUpdateBlobs for `blobs`, one call per instance name and digest function among them;
     /// answers each, in order.
     async fn update_batch(
         conn: GrpcConnection,
@@ -228,14 +229,14 @@ impl GrpcBlobAccess {
         counters: Arc<Counters>,
         blobs: Vec<(Digest, Bytes)>,
     ) -> Vec<Result<()>> {
-        let groups = by_instance(blobs.iter().map(|(d, _)| d.clone()));
+        let groups = by_call(blobs.iter().map(|(d, _)| d.clone()));
         if groups.len() == 1 {
             return Self::update_batch_of_one_instance(conn, &*calls, counters, blobs).await;
         }
-        let mut parts: BTreeMap<String, Vec<(Digest, Bytes)>> = BTreeMap::new();
+        let mut parts: BTreeMap<CallKey, Vec<(Digest, Bytes)>> = BTreeMap::new();
         for (d, data) in &blobs {
             parts
-                .entry(d.instance_name().to_string())
+                .entry(call_key(d))
                 .or_default()
                 .push((d.clone(), data.clone()));
         }
@@ -277,7 +278,7 @@ impl GrpcBlobAccess {
         let req = BatchUpdateBlobsRequest {
             instance_name: conn.instance_name_for(&blobs[0].0),
             requests,
-            ..Default::default()
+            digest_function: blobs[0].0.function().to_proto(),
         };
         let answered = match calls.batch_update_blobs(req).await {
             Ok(r) => r
@@ -422,20 +423,20 @@ impl BlobAccess for GrpcBlobAccess {
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         self.counters.inc("find_missing");
-        // One request per instance name (`serve` gives all of a call's the same).
-        let mut by_instance: Vec<(&str, Vec<&Digest>)> = Vec::new();
+        // One request per instance name and digest function (`serve` gives
+        // all of a call's the same).
+        let mut groups: Vec<(CallKey, Vec<&Digest>)> = Vec::new();
         for d in digests.iter().filter(|d| d.size_bytes() > 0) {
-            match by_instance
-                .iter_mut()
-                .find(|(i, _)| *i == d.instance_name())
-            {
+            let key = call_key(d);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, ds)) => ds.push(d),
-                None => by_instance.push((d.instance_name(), vec![d])),
+                None => groups.push((key, vec![d])),
             }
         }
         let mut missing = Vec::new();
-        for (instance, wanted) in &by_instance {
-            self.find_missing_of(instance, wanted, &mut missing).await?;
+        for ((instance, function), wanted) in &groups {
+            self.find_missing_of(instance, *function, wanted, &mut missing)
+                .await?;
         }
         Ok(missing)
     }
@@ -446,10 +447,12 @@ impl BlobAccess for GrpcBlobAccess {
 }
 
 impl GrpcBlobAccess {
-    /// Appends to `missing` those of `wanted` (all of `instance`) the server lacks.
+    /// Appends to `missing` those of `wanted` (all of `instance` and
+    /// `function`) the server lacks.
     async fn find_missing_of(
         &self,
         instance: &str,
+        function: crate::DigestFunction,
         wanted: &[&Digest],
         missing: &mut Vec<Digest>,
     ) -> Result<()> {
@@ -458,7 +461,7 @@ impl GrpcBlobAccess {
             let req = FindMissingBlobsRequest {
                 instance_name: upstream.clone(),
                 blob_digests: batch.iter().map(|d| d.to_proto()).collect(),
-                ..Default::default()
+                digest_function: function.to_proto(),
             };
             let resp = self
                 .calls
@@ -466,7 +469,7 @@ impl GrpcBlobAccess {
                 .await
                 .map_err(|e| self.fail(e, None))?;
             for d in resp.missing_blob_digests {
-                let d = Digest::from_proto(crate::DigestFunction::Sha256, &d).map_err(|e| {
+                let d = Digest::from_proto(function, &d).map_err(|e| {
                     self.fail(
                         Error::internal(format!("server answered a bad digest: {e}")),
                         None,
@@ -479,14 +482,18 @@ impl GrpcBlobAccess {
     }
 }
 
-/// Digests by their instance name: a batch call names one instance.
-fn by_instance(digests: impl Iterator<Item = Digest>) -> BTreeMap<String, Vec<Digest>> {
-    let mut groups: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+/// What one batch call has in common: an instance name and a digest function.
+type CallKey = (String, crate::DigestFunction);
+
+fn call_key(d: &Digest) -> CallKey {
+    (d.instance_name().to_string(), d.function())
+}
+
+/// Digests by their call: a batch call names one instance and one function.
+fn by_call(digests: impl Iterator<Item = Digest>) -> BTreeMap<CallKey, Vec<Digest>> {
+    let mut groups: BTreeMap<CallKey, Vec<Digest>> = BTreeMap::new();
     for d in digests {
-        groups
-            .entry(d.instance_name().to_string())
-            .or_default()
-            .push(d);
+        groups.entry(call_key(&d)).or_default().push(d);
     }
     groups
 }
@@ -514,13 +521,14 @@ fn match_responses<T>(
     call: &str,
 ) -> Result<HashMap<Digest, Result<T>>> {
     let asked_set: HashSet<&Digest> = asked.iter().collect();
-    // Answers name blobs without their instance: that of the call.
+    // Answers name blobs without their instance and function: those of the call.
     let instance = asked.first().map_or("", |d| d.instance_name());
+    let function = asked.first().map(|d| d.function()).unwrap_or_default();
     let mut found = HashMap::with_capacity(asked.len());
     for (digest, result) in answered {
         let d = digest
             .as_ref()
-            .and_then(|d| Digest::from_proto(crate::DigestFunction::Sha256, d).ok())
+            .and_then(|d| Digest::from_proto(function, d).ok())
             .map(|d| d.with_instance_name(instance));
         match d {
             Some(d) if asked_set.contains(&d) && !found.contains_key(&d) => {

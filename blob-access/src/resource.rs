@@ -2,6 +2,11 @@
 //! `{instance}/uploads/{uuid}/blobs/{hash}/{size}` for writes, and their
 //! `compressed-blobs/zstd/` forms. The size is in the name, which is what lets a
 //! reader tell a truncated stream from a complete one.
+//!
+//! REAPI 2.3 puts the digest function before the hash where the hash length
+//! cannot tell it (`blobs/blake3/{hash}/{size}`); names without one mean the
+//! function of that hash length (64: SHA-256, 40: SHA-1, 32: MD5, 96:
+//! SHA-384, 128: SHA-512).
 
 use crate::digest::{Digest, DigestError, DigestFunction};
 use std::fmt;
@@ -40,6 +45,8 @@ pub enum ResourceError {
     Compressor(String, String),
     #[error("resource name {0:?}: {1}")]
     Digest(String, DigestError),
+    #[error("resource name {0:?}: {1}")]
+    Function(String, String),
 }
 
 fn join_instance(instance: &str, rest: fmt::Arguments<'_>) -> String {
@@ -51,9 +58,14 @@ fn join_instance(instance: &str, rest: fmt::Arguments<'_>) -> String {
 }
 
 fn blob_part(compressor: Compressor, d: &Digest) -> String {
+    let function = match d.function() {
+        f if f.named_in_resource_names() => format!("{}/", f.name()),
+        _ => String::new(),
+    };
+    let (hash, size) = (d.hash(), d.size_bytes());
     match compressor {
-        Compressor::Identity => format!("blobs/{}/{}", d.hash(), d.size_bytes()),
-        Compressor::Zstd => format!("compressed-blobs/zstd/{}/{}", d.hash(), d.size_bytes()),
+        Compressor::Identity => format!("blobs/{function}{hash}/{size}"),
+        Compressor::Zstd => format!("compressed-blobs/zstd/{function}{hash}/{size}"),
     }
 }
 
@@ -159,10 +171,22 @@ fn parse_blob_part(
         },
         _ => return Err(shape()),
     };
+    // A segment that is not hexadecimal before the hash names the function.
+    let named = rest.len() >= 3 && !rest[0].bytes().all(|b| b.is_ascii_hexdigit());
+    let (function, rest) = if named {
+        let f = rest[0]
+            .parse::<DigestFunction>()
+            .map_err(|e| ResourceError::Function(name.to_string(), e))?;
+        (f, &rest[1..])
+    } else {
+        let hash_len = rest.first().map_or(0, |h| h.len());
+        let f = DigestFunction::from_hex_len(hash_len).unwrap_or_default();
+        (f, rest)
+    };
     if rest.len() < 2 || (!allow_trailing && rest.len() > 2) {
         return Err(shape());
     }
-    let digest = Digest::from_parts(DigestFunction::Sha256, rest[0], rest[1])
+    let digest = Digest::from_parts(function, rest[0], rest[1])
         .map_err(|e| ResourceError::Digest(name.to_string(), e))?;
     Ok((compressor, digest))
 }
@@ -198,6 +222,38 @@ mod tests {
         let with_meta = format!("i/uploads/u-1/blobs/{}/5/some/metadata", d().hash());
         let w = WriteResource::parse(&with_meta).unwrap();
         assert_eq!((w.instance_name.as_str(), w.uuid.as_str()), ("i", "u-1"));
+    }
+
+    #[test]
+    fn digest_functions_are_named_where_the_length_cannot_tell() {
+        for f in DigestFunction::ALL {
+            let d = Digest::of_with(f, b"hello");
+            for c in [Compressor::Identity, Compressor::Zstd] {
+                let r = ReadResource::new("i", c, d.clone());
+                let name = r.to_string();
+                assert_eq!(
+                    name.contains("/blake3/"),
+                    f == DigestFunction::Blake3,
+                    "{name}"
+                );
+                assert_eq!(ReadResource::parse(&name).unwrap(), r, "{name}");
+                let w = WriteResource::new("", c, d.clone());
+                assert_eq!(WriteResource::parse(&w.to_string()).unwrap(), w);
+            }
+            // Named although the length would tell (other clients do): accepted.
+            let name = format!("blobs/{}/{}/5", f.name(), d.hash());
+            assert_eq!(ReadResource::parse(&name).unwrap().digest, d);
+        }
+        let h = Digest::of(b"x").hash().to_string();
+        let e = ReadResource::parse(&format!("blobs/blake2/{h}/1")).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown digest function \"blake2\""),
+            "{e}"
+        );
+        // A SHA-1 length named as SHA-256: the length is wrong for the function.
+        let sha1 = Digest::of_with(DigestFunction::Sha1, b"x");
+        let e = ReadResource::parse(&format!("blobs/sha256/{}/1", sha1.hash())).unwrap_err();
+        assert!(matches!(e, ResourceError::Digest(..)), "{e}");
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct PutFilesReport {
 pub async fn put_files(
     ba: &dyn BlobAccess,
     paths: &[PathBuf],
+    function: crate::DigestFunction,
     jobs: usize,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PutFilesReport> {
@@ -50,7 +51,10 @@ pub async fn put_files(
             let group = group.to_vec();
             let digests = blocking("hashing", move || {
                 let mut buf = Vec::new();
-                group.iter().map(|p| hash_file(p, &mut buf)).collect()
+                group
+                    .iter()
+                    .map(|p| hash_file(p, function, &mut buf))
+                    .collect()
             })
             .await?;
             for d in &digests {
@@ -183,7 +187,7 @@ fn in_file(path: &Path, e: Error) -> Error {
 
 /// SHA-256 and size of a file, read on this thread into `buf` (grown to
 /// 256 KiB at most, and kept for the next file).
-fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<Digest> {
+fn hash_file(path: &Path, function: crate::DigestFunction, buf: &mut Vec<u8>) -> Result<Digest> {
     // Each file is read twice (hashed, then sent if missing): a pipe or a
     // device would give other bytes the second time, or block opening it.
     let meta = std::fs::metadata(path).map_err(|e| named(path, e))?;
@@ -194,7 +198,7 @@ fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<Digest> {
         )));
     }
     let mut file = std::fs::File::open(path).map_err(|e| named(path, e))?;
-    let mut h = crate::DigestFunction::Sha256.hasher();
+    let mut h = function.hasher();
     // One byte more than the file, so a small file's end is seen in one read.
     let want = (meta.len() as usize).saturating_add(1).min(256 << 10);
     if buf.len() < want {
@@ -209,8 +213,7 @@ fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<Digest> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Digest::new(crate::DigestFunction::Sha256, h.finish_hex(), size)
-        .map_err(|e| Error::internal(e.to_string()))
+    Digest::new(function, h.finish_hex(), size).map_err(|e| Error::internal(e.to_string()))
 }
 
 #[cfg(test)]

@@ -275,12 +275,17 @@ pub fn reopenable_file(path: &Path) -> crate::Reopen {
     })
 }
 
-/// Hashes a file in a streaming fashion and returns its digest.
+/// Hashes a file in a streaming fashion and returns its SHA-256 digest.
 pub async fn digest_file(path: &Path) -> Result<Digest> {
+    digest_file_with(crate::DigestFunction::Sha256, path).await
+}
+
+/// Hashes a file in a streaming fashion and returns its digest under `function`.
+pub async fn digest_file_with(function: crate::DigestFunction, path: &Path) -> Result<Digest> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| Error::from(e).with_context_path(path))?;
-    let mut h = crate::DigestFunction::Sha256.hasher();
+    let mut h = function.hasher();
     let mut size = 0u64;
     let mut s = file_stream(file);
     while let Some(c) = s.next().await {
@@ -288,7 +293,7 @@ pub async fn digest_file(path: &Path) -> Result<Digest> {
         size += c.len() as u64;
         h.update(&c);
     }
-    Digest::new(crate::DigestFunction::Sha256, h.finish_hex(), size)
+    Digest::new(function, h.finish_hex(), size)
         .map_err(|e| Error::new(Code::Internal, e.to_string()))
 }
 

@@ -3,7 +3,7 @@
 
 use blob_access::memory::MemoryBlobAccess;
 use blob_access::upload::{put_files, Progress};
-use blob_access::{util, BlobAccess, BlobStream, Digest, ReadRange, Result};
+use blob_access::{util, BlobAccess, BlobStream, Digest, DigestFunction, ReadRange, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,7 +72,9 @@ async fn present_and_repeated_blobs_are_not_sent_again() {
             sent.fetch_add(1, Ordering::SeqCst);
         }
     };
-    let report = put_files(&*cas, &paths, 4, &progress).await.unwrap();
+    let report = put_files(&*cas, &paths, DigestFunction::Sha256, 4, &progress)
+        .await
+        .unwrap();
     for (i, d) in report.digests.iter().enumerate() {
         assert_eq!(*d, Digest::of(&content(i)), "file {i}");
     }
@@ -92,9 +94,15 @@ async fn present_and_repeated_blobs_are_not_sent_again() {
 #[tokio::test]
 async fn a_missing_file_is_named() {
     let cas = MemoryBlobAccess::new("memory", 1 << 20);
-    let e = put_files(&cas, &["/nonexistent/file".into()], 4, &|_| {})
-        .await
-        .unwrap_err();
+    let e = put_files(
+        &cas,
+        &["/nonexistent/file".into()],
+        DigestFunction::Sha256,
+        4,
+        &|_| {},
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("/nonexistent/file"), "{e}");
 }
 
@@ -112,7 +120,9 @@ async fn many_files_across_groups_keep_their_order() {
             p
         })
         .collect();
-    let report = put_files(&cas, &paths, 8, &|_| {}).await.unwrap();
+    let report = put_files(&cas, &paths, DigestFunction::Sha256, 8, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(report.digests.len(), 300);
     for (i, d) in report.digests.iter().enumerate() {
         assert_eq!(*d, Digest::of(&content(i)), "file {i}");
@@ -129,9 +139,15 @@ async fn pipes_devices_and_directories_are_refused_naming_them() {
     assert!(made.unwrap().success());
     let cas = MemoryBlobAccess::new("memory", 1 << 20);
     for path in [fifo, "/dev/null".into(), dir.path().to_path_buf()] {
-        let e = put_files(&cas, std::slice::from_ref(&path), 4, &|_| {})
-            .await
-            .unwrap_err();
+        let e = put_files(
+            &cas,
+            std::slice::from_ref(&path),
+            DigestFunction::Sha256,
+            4,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), blob_access::Code::InvalidArgument, "{e}");
         let msg = e.to_string();
         assert!(msg.contains(&*path.to_string_lossy()), "{msg}");

@@ -42,8 +42,8 @@ use blob_access::config_types::ByteSize;
 use blob_access::node::Counters;
 use blob_access::proto::{self, Tree};
 use blob_access::{
-    util, BlobAccess, BuildContext, BuildNode, ChildNodes, Code, Digest, DigestFunction, Error,
-    NodeMetrics, ReadRange, Result,
+    util, BlobAccess, BuildContext, BuildNode, ChildNodes, Code, Digest, Error, NodeMetrics,
+    ReadRange, Result,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
@@ -165,7 +165,7 @@ impl CompletenessChecking {
         let mut digests = BTreeSet::new();
         let mut add = |what: &str, d: Option<&proto::Digest>| -> Result<(), String> {
             let d = d.ok_or_else(|| format!("{what} has no digest"))?;
-            let d = Digest::from_proto(DigestFunction::Sha256, d)
+            let d = Digest::from_proto(action.function(), d)
                 .map_err(|e| format!("{what} has a bad digest: {e}"))?
                 .with_instance_name(instance);
             digests.insert(d);
@@ -188,7 +188,7 @@ impl CompletenessChecking {
         for dir in &result.output_directories {
             let what = format!("output directory {:?}", dir.path);
             let parse = |d: &proto::Digest, field: &str| {
-                Digest::from_proto(DigestFunction::Sha256, d)
+                Digest::from_proto(action.function(), d)
                     .map(|d| d.with_instance_name(instance))
                     .map_err(|e| format!("{what} has a bad {field}: {e}"))
             };
@@ -236,7 +236,7 @@ impl CompletenessChecking {
                         .digest
                         .as_ref()
                         .ok_or_else(|| format!("{what} has a subdirectory without digest"))?;
-                    let sub = Digest::from_proto(DigestFunction::Sha256, sub)
+                    let sub = Digest::from_proto(action.function(), sub)
                         .map_err(|e| format!("{what} has a subdirectory with a bad digest: {e}"))?
                         .with_instance_name(instance);
                     if seen.insert(sub.clone()) {
@@ -304,11 +304,8 @@ impl ActionCache for CompletenessChecking {
             Err(Unusable::Cas(e)) => return Err(self.cas_error(action, e)),
         };
         // The empty blob is always present (REAPI), whatever a server says of it.
-        let empty = Digest::of(b"");
-        let digests: Vec<Digest> = digests
-            .into_iter()
-            .filter(|d| d.without_instance_name() != empty)
-            .collect();
+        // Under the action's digest function: SHA-1's is da39a3ee.../0.
+        let digests: Vec<Digest> = digests.into_iter().filter(|d| !d.is_empty_blob()).collect();
         for batch in digests.chunks(FIND_MISSING_BATCH) {
             let missing = self
                 .cas

@@ -3,11 +3,11 @@
 //! capabilities say updates are disabled).
 
 use super::cas::parse_digest;
-use super::{check_digest_function, Permission, Shared};
+use super::{digest_function, Permission, Shared};
 use blob_access::action_cache::ActionCache;
 use blob_access::proto::action_cache_server;
 use blob_access::proto::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
-use blob_access::Digest;
+use blob_access::{Digest, DigestFunction};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -29,13 +29,13 @@ impl ActionCacheService {
         extensions: &tonic::Extensions,
         needed: Permission,
         instance_name: &str,
-        digest_function: i32,
+        function_value: i32,
         digest: Option<&blob_access::proto::Digest>,
     ) -> Result<(&Arc<dyn ActionCache>, Digest), Status> {
         let tree = self.tree()?;
         self.0.check_instance(instance_name, extensions, needed)?;
-        check_digest_function(digest_function)?;
-        let action = parse_digest(digest)
+        let function = digest_function(function_value, digest.map(|d| d.hash.as_str()))?;
+        let action = parse_digest(function, digest)
             .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))?;
         Ok((tree, action.with_instance_name(instance_name)))
     }
@@ -43,9 +43,9 @@ impl ActionCacheService {
 
 /// Every digest an action result names must be well formed, or clients that
 /// later read it would fail on our data.
-fn check_digests(result: &ActionResult) -> Result<(), Status> {
+fn check_digests(result: &ActionResult, function: DigestFunction) -> Result<(), Status> {
     let named = |field: String, d: Option<&blob_access::proto::Digest>| {
-        parse_digest(d).map_err(|s| {
+        parse_digest(function, d).map_err(|s| {
             Status::invalid_argument(format!("action_result.{field}: {}", s.message()))
         })
     };
@@ -169,7 +169,7 @@ impl action_cache_server::ActionCache for ActionCacheService {
         let result = req
             .action_result
             .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
-        check_digests(&result)?;
+        check_digests(&result, action.function())?;
         tree.update_action_result(&action, &result).await?;
         Ok(Response::new(result))
     }

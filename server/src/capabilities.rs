@@ -46,7 +46,7 @@ impl capabilities_server::Capabilities for Capabilities {
             None => false,
         };
         let cache = CacheCapabilities {
-            digest_functions: vec![digest_function::Value::Sha256 as i32],
+            digest_functions: served_functions(),
             action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                 update_enabled,
             }),
@@ -75,7 +75,7 @@ impl capabilities_server::Capabilities for Capabilities {
     }
 }
 
-/// The remote's execution capabilities, with this server's digest function.
+/// The remote's execution capabilities, with the digest functions both serve.
 /// A remote that cannot be asked now is reported as executing (the config
 /// says it does): its Execute calls then say what is wrong, where a client
 /// told "no execution" would refuse to start.
@@ -95,9 +95,26 @@ async fn execution_capabilities(
             }
         }
     };
+    // The remote executes with the functions it names (SHA-256 if it names
+    // none), of those this server's caches serve.
+    let served = served_functions();
+    let functions = match remote.digest_functions.as_slice() {
+        [] => vec![sha256],
+        named => named
+            .iter()
+            .filter(|f| served.contains(f))
+            .copied()
+            .collect(),
+    };
     ExecutionCapabilities {
         digest_function: sha256,
-        digest_functions: vec![sha256],
+        digest_functions: functions,
         ..remote
     }
+}
+
+/// Every digest function the caches take (each node keeps them apart).
+fn served_functions() -> Vec<i32> {
+    let all = blob_access::DigestFunction::ALL;
+    all.iter().map(|f| f.to_proto()).collect()
 }

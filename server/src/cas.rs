@@ -1,7 +1,7 @@
 //! ContentAddressableStorage: FindMissingBlobs and the batch calls, where every
 //! blob gets its own status so one bad blob does not fail its neighbours.
 
-use super::{check_digest_function, Permission, Shared};
+use super::{digest_function, Permission, Shared};
 use bazel_remote_apis::google::rpc;
 use blob_access::proto::content_addressable_storage_server::ContentAddressableStorage;
 use blob_access::proto::{
@@ -23,18 +23,22 @@ const BATCH_CONCURRENCY: usize = 16;
 
 pub(super) struct Cas(pub(super) Shared);
 
-pub(super) fn parse_digest(d: Option<&blob_access::proto::Digest>) -> Result<Digest, Status> {
+pub(super) fn parse_digest(
+    function: DigestFunction,
+    d: Option<&blob_access::proto::Digest>,
+) -> Result<Digest, Status> {
     let d = d.ok_or_else(|| Status::invalid_argument("a digest is missing"))?;
-    Digest::from_proto(DigestFunction::Sha256, d)
+    Digest::from_proto(function, d)
         .map_err(|e| Status::invalid_argument(format!("digest {}/{}: {e}", d.hash, d.size_bytes)))
 }
 
 /// A request's digest, under the request's instance name (for the tree).
 pub(super) fn parse_digest_in(
     instance_name: &str,
+    function: DigestFunction,
     d: Option<&blob_access::proto::Digest>,
 ) -> Result<Digest, Status> {
-    Ok(parse_digest(d)?.with_instance_name(instance_name))
+    Ok(parse_digest(function, d)?.with_instance_name(instance_name))
 }
 
 /// REAPI reports a digest that does not match the uploaded data as INVALID_ARGUMENT;
@@ -73,9 +77,10 @@ impl Cas {
     async fn update_one(
         &self,
         instance_name: &str,
+        function: DigestFunction,
         r: batch_update_blobs_request::Request,
     ) -> Result<(), Status> {
-        let digest = parse_digest_in(instance_name, r.digest.as_ref())?;
+        let digest = parse_digest_in(instance_name, function, r.digest.as_ref())?;
         let data = match compressor::Value::try_from(r.compressor) {
             Ok(compressor::Value::Identity) => Bytes::from(r.data),
             Ok(compressor::Value::Zstd) => {
@@ -109,9 +114,10 @@ impl Cas {
     async fn read_one(
         &self,
         instance_name: &str,
+        function: DigestFunction,
         d: blob_access::proto::Digest,
     ) -> batch_read_blobs_response::Response {
-        let result = match parse_digest_in(instance_name, Some(&d)) {
+        let result = match parse_digest_in(instance_name, function, Some(&d)) {
             Ok(digest) => {
                 let size = digest.size_bytes() as usize;
                 util::read_to_bytes(&*self.0.backend, &digest, ReadRange::FULL, size)
@@ -146,11 +152,12 @@ impl ContentAddressableStorage for Cas {
         let (_, extensions, req) = request.into_parts();
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Read)?;
-        check_digest_function(req.digest_function)?;
+        let first = req.blob_digests.first().map(|d| d.hash.as_str());
+        let function = digest_function(req.digest_function, first)?;
         let digests = req
             .blob_digests
             .iter()
-            .map(|d| parse_digest_in(&req.instance_name, Some(d)))
+            .map(|d| parse_digest_in(&req.instance_name, function, Some(d)))
             .collect::<Result<Vec<_>, _>>()?;
         let missing = self.0.backend.find_missing(&digests).await?;
         Ok(Response::new(FindMissingBlobsResponse {
@@ -165,7 +172,8 @@ impl ContentAddressableStorage for Cas {
         let (_, extensions, req) = request.into_parts();
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Write)?;
-        check_digest_function(req.digest_function)?;
+        let first = req.requests.first().and_then(|r| r.digest.as_ref());
+        let function = digest_function(req.digest_function, first.map(|d| d.hash.as_str()))?;
         // Blob sizes, not bytes on the wire: 40 KB of zstd can name 1 GiB.
         let total = req
             .requests
@@ -180,7 +188,7 @@ impl ContentAddressableStorage for Cas {
         let responses = futures::stream::iter(req.requests)
             .map(|r| async move {
                 let digest = r.digest.clone();
-                let status = self.update_one(instance_name, r).await;
+                let status = self.update_one(instance_name, function, r).await;
                 if let Err(s) = &status {
                     tracing::debug!(?digest, error = %s, "batch update of a blob failed");
                 }
@@ -202,13 +210,14 @@ impl ContentAddressableStorage for Cas {
         let (_, extensions, req) = request.into_parts();
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Read)?;
-        check_digest_function(req.digest_function)?;
+        let first = req.digests.first().map(|d| d.hash.as_str());
+        let function = digest_function(req.digest_function, first)?;
         let total = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         self.check_total(total, "a batch read")?;
         // Data is returned uncompressed, which REAPI always allows.
         let instance_name = &req.instance_name;
         let responses = futures::stream::iter(req.digests)
-            .map(|d| self.read_one(instance_name, d))
+            .map(|d| self.read_one(instance_name, function, d))
             .buffered(BATCH_CONCURRENCY)
             .collect()
             .await;

@@ -9,7 +9,7 @@
 
 use super::bytestream::until_killed;
 use super::cas::parse_digest;
-use super::{check_digest_function, Permission, Shared};
+use super::{digest_function, Permission, Shared};
 use bazel_remote_apis::google::protobuf::Empty;
 use blob_access::execution::longrunning_proto::operations_server;
 use blob_access::execution::longrunning_proto::{
@@ -66,8 +66,9 @@ impl execution_server::Execution for ExecutionService {
         let (_, extensions, req) = request.into_parts();
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Write)?;
-        check_digest_function(req.digest_function)?;
-        parse_digest(req.action_digest.as_ref())
+        let first = req.action_digest.as_ref().map(|d| d.hash.as_str());
+        let function = digest_function(req.digest_function, first)?;
+        parse_digest(function, req.action_digest.as_ref())
             .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))?;
         Ok(Response::new(self.streamed(tree.execute(req))))
     }

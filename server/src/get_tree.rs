@@ -13,7 +13,7 @@
 //! continues the walk.
 
 use super::cas::parse_digest_in;
-use super::{check_digest_function, Shared};
+use super::{digest_function, Shared};
 use blob_access::proto::{Directory, GetTreeRequest, GetTreeResponse};
 use blob_access::{util, Code, Digest, ReadRange};
 use futures::stream::BoxStream;
@@ -32,8 +32,9 @@ const CONCURRENCY: usize = 16;
 type Pages = BoxStream<'static, Result<GetTreeResponse, Status>>;
 
 pub(super) fn get_tree(shared: Shared, req: GetTreeRequest) -> Result<Pages, Status> {
-    check_digest_function(req.digest_function)?;
-    let root = parse_digest_in(&req.instance_name, req.root_digest.as_ref())?;
+    let first = req.root_digest.as_ref().map(|d| d.hash.as_str());
+    let function = digest_function(req.digest_function, first)?;
+    let root = parse_digest_in(&req.instance_name, function, req.root_digest.as_ref())?;
     let skip = match req.page_token.as_str() {
         "" => 0,
         t => t.parse::<usize>().map_err(|_| {
@@ -125,8 +126,8 @@ impl Walk {
                     Err(s) => return Err(s),
                 };
                 for child in &dir.directories {
-                    let c =
-                        parse_digest_in(d.instance_name(), child.digest.as_ref()).map_err(|s| {
+                    let c = parse_digest_in(d.instance_name(), d.function(), child.digest.as_ref())
+                        .map_err(|s| {
                             Status::failed_precondition(format!(
                                 "directory {d}: subdirectory {:?}: {}",
                                 child.name,

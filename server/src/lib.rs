@@ -195,15 +195,27 @@ impl Shared {
     }
 }
 
-/// Accepts requests whose digest function is unset or SHA-256, the only one served.
-fn check_digest_function(value: i32) -> Result<(), Status> {
-    match value {
-        0 => Ok(()),
-        v if v == blob_access::DigestFunction::Sha256.to_proto() => Ok(()),
-        v => Err(Status::invalid_argument(format!(
-            "digest function {v} is not supported; this server only serves SHA256"
-        ))),
+/// The digest function of a request: the one it names, or for a request
+/// that names none (clients before REAPI 2.3) the one the length of its
+/// first hash tells (64 characters: SHA-256).
+fn digest_function(
+    value: i32,
+    first_hash: Option<&str>,
+) -> Result<blob_access::DigestFunction, Status> {
+    use blob_access::DigestFunction;
+    if value == 0 {
+        let by_length = first_hash.and_then(|h| DigestFunction::from_hex_len(h.len()));
+        return Ok(by_length.unwrap_or_default());
     }
+    DigestFunction::from_proto(value).ok_or_else(|| {
+        let name = blob_access::proto::digest_function::Value::try_from(value)
+            .map_or("unknown", |v| v.as_str_name());
+        let served: Vec<_> = DigestFunction::ALL.iter().map(|f| f.name()).collect();
+        Status::invalid_argument(format!(
+            "digest function {value} ({name}) is not supported; this server serves {}",
+            served.join(", ")
+        ))
+    })
 }
 
 fn status_shutting_down() -> Status {

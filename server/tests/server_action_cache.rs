@@ -163,11 +163,13 @@ async fn bad_requests_get_clear_statuses_and_store_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    // A digest function this server does not serve.
-    let mut req = get(Some(action.clone()));
-    req.digest_function = 2;
-    let e = client.get_action_result(req).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    // A digest function this server does not serve, and a SHA-256 action named SHA-1.
+    for function in [8, 2] {
+        let mut req = get(Some(action.clone()));
+        req.digest_function = function;
+        let e = client.get_action_result(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
     // None of it was stored.
     let e = client
         .get_action_result(get(Some(action)))

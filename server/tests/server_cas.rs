@@ -35,9 +35,20 @@ async fn find_missing_blobs() {
             .unwrap();
         assert_eq!(r.into_inner().missing_blob_digests, vec![db.to_proto()]);
     }
-    // SHA-1 is not served; a malformed digest is the caller's error.
-    let err = cas.find_missing_blobs(req(both, 2)).await.unwrap_err();
+    // SHA-256 hashes named SHA-1, a function not served, a malformed
+    // digest: the caller's error, naming what is wrong.
+    let err = cas
+        .find_missing_blobs(req(both.clone(), 2))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("a sha1 hash has 40"), "{err:?}");
+    let err = cas.find_missing_blobs(req(both, 8)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("8 (SHA256TREE) is not supported"),
+        "{err:?}"
+    );
     let mut bad = db.to_proto();
     bad.hash.truncate(10);
     let err = cas.find_missing_blobs(req(vec![bad], 0)).await.unwrap_err();
@@ -179,7 +190,8 @@ async fn capabilities() {
     };
     let r = caps.get_capabilities(req).await.unwrap().into_inner();
     let cache = r.cache_capabilities.unwrap();
-    assert_eq!(cache.digest_functions, vec![1]); // SHA256
+    // SHA256, SHA1, MD5, SHA384, SHA512, BLAKE3.
+    assert_eq!(cache.digest_functions, vec![1, 2, 3, 5, 6, 9]);
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
     assert_eq!(
         cache.supported_compressors,
@@ -261,4 +273,59 @@ async fn the_empty_blob_is_never_missing_and_reads_back_empty() {
         .into_inner();
     assert_eq!(code_of(&r.responses[0].status), Code::Ok);
     assert!(r.responses[0].data.is_empty());
+}
+
+/// Each function's blobs under their own name: named in the request or, for
+/// a request that names none, told by the hash length.
+#[tokio::test]
+async fn every_digest_function_is_served_and_kept_apart() {
+    use blob_access::DigestFunction;
+    let server = start(ServerConfig::default()).await;
+    let mut cas = server.cas().await;
+    let data = b"one blob, six digests".to_vec();
+    for function in DigestFunction::ALL {
+        let d = blob_access::Digest::of_with(function, &data);
+        // Named, except where the length tells (as clients before REAPI 2.3 send).
+        let named = if function.named_in_resource_names() {
+            function.to_proto()
+        } else {
+            0
+        };
+        let update = BatchUpdateBlobsRequest {
+            instance_name: String::new(),
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(d.to_proto()),
+                data: data.clone(),
+                compressor: 0,
+            }],
+            digest_function: named,
+        };
+        let r = cas.batch_update_blobs(update).await.unwrap().into_inner();
+        assert_eq!(code_of(&r.responses[0].status), Code::Ok, "{function}");
+        assert!(server.stored(&d).await, "{function}");
+        let read = BatchReadBlobsRequest {
+            instance_name: String::new(),
+            digests: vec![d.to_proto()],
+            acceptable_compressors: vec![],
+            digest_function: function.to_proto(),
+        };
+        let r = cas.batch_read_blobs(read).await.unwrap().into_inner();
+        assert_eq!(r.responses[0].data, data, "{function}");
+    }
+    // The same 64 hex characters as BLAKE3 name another blob than as SHA-256.
+    let sha = blob_access::Digest::of(b"only under sha256");
+    server
+        .memory
+        .put(&sha, util::once(b"only under sha256".to_vec().into()))
+        .await
+        .unwrap();
+    let find = |function| FindMissingBlobsRequest {
+        instance_name: String::new(),
+        blob_digests: vec![sha.to_proto()],
+        digest_function: function,
+    };
+    let r = cas.find_missing_blobs(find(9)).await.unwrap().into_inner();
+    assert_eq!(r.missing_blob_digests, vec![sha.to_proto()]);
+    let r = cas.find_missing_blobs(find(0)).await.unwrap().into_inner();
+    assert!(r.missing_blob_digests.is_empty());
 }

@@ -83,9 +83,10 @@ fn shown(rel: &Path) -> String {
     }
 }
 
-fn child_digest(d: Option<&proto::Digest>, at: &Path) -> Result<Digest, String> {
+/// A digest named in a tree: of the function of the directory naming it.
+fn child_digest(parent: &Digest, d: Option<&proto::Digest>, at: &Path) -> Result<Digest, String> {
     let d = d.ok_or_else(|| format!("{}: entry without a digest", at.display()))?;
-    Digest::from_proto(DigestFunction::Sha256, d).map_err(|e| format!("{}: {e}", at.display()))
+    Digest::from_proto(parent.function(), d).map_err(|e| format!("{}: {e}", at.display()))
 }
 
 /// Reads and decodes one `Directory` message; `rel` is where it is in the tree.
@@ -175,7 +176,7 @@ async fn walk(
             };
             for f in &dir.files {
                 let path = entry(&f.name)?;
-                let digest = child_digest(f.digest.as_ref(), &path)?;
+                let digest = child_digest(&digest, f.digest.as_ref(), &path)?;
                 tree.files.push(File {
                     path,
                     digest,
@@ -188,7 +189,7 @@ async fn walk(
             }
             for d in &dir.directories {
                 let path = entry(&d.name)?;
-                let digest = child_digest(d.digest.as_ref(), &path)?;
+                let digest = child_digest(&digest, d.digest.as_ref(), &path)?;
                 next.push((path, digest));
             }
         }
@@ -337,17 +338,29 @@ fn sync_filesystem(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// How `fetch-tree` runs (see the command's flags).
+pub struct Options {
+    pub jobs: usize,
+    pub fsync: bool,
+    /// The digest function of the root and of every digest in the tree.
+    pub function: DigestFunction,
+}
+
 pub async fn run(
     config: &Path,
     root: &str,
     out: &Path,
-    jobs: usize,
-    fsync: bool,
+    opts: Options,
     ui: &Ui,
 ) -> Result<ExitCode, String> {
+    let Options {
+        jobs,
+        fsync,
+        function,
+    } = opts;
     let started = std::time::Instant::now();
     let jobs = jobs.max(1);
-    let root = super::transfer::parse_digest(root)?;
+    let root = super::transfer::parse_digest(root, function)?;
     let cas = super::open(config)?;
     let tree = walk(&*cas, &root, out, jobs).await?;
 

@@ -1,7 +1,7 @@
 //! `put`, `get` and `find-missing`: one-shot transfers through a config tree.
 
 use crate::progress::Ui;
-use blob_access::{upload, util, BlobAccess, Digest, NodeMetrics, ReadRange};
+use blob_access::{upload, util, BlobAccess, Digest, DigestFunction, NodeMetrics, ReadRange};
 use futures::StreamExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,9 +9,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt;
 
-pub(crate) fn parse_digest(text: &str) -> Result<Digest, String> {
-    text.parse()
-        .map_err(|e| format!("invalid digest {text:?}: {e}"))
+pub(crate) fn parse_digest(text: &str, function: DigestFunction) -> Result<Digest, String> {
+    Digest::parse_with(function, text).map_err(|e| format!("invalid digest {text:?}: {e}"))
 }
 
 /// Hashes all files in parallel, asks the CAS once which blobs it lacks, and
@@ -20,6 +19,7 @@ pub async fn put(
     config: &Path,
     files: &[PathBuf],
     jobs: usize,
+    function: DigestFunction,
     ui: &Ui,
 ) -> Result<ExitCode, String> {
     let ba = super::open(config)?;
@@ -46,7 +46,7 @@ pub async fn put(
             bar.set_message(format!("sent {n} missing files"));
         }
     };
-    let report = upload::put_files(&*ba, files, jobs, &progress)
+    let report = upload::put_files(&*ba, files, function, jobs, &progress)
         .await
         .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
@@ -74,10 +74,11 @@ pub async fn put(
 pub async fn get(
     config: &Path,
     digest: &str,
+    function: DigestFunction,
     output: Option<&Path>,
     ui: &Ui,
 ) -> Result<ExitCode, String> {
-    let digest = parse_digest(digest)?;
+    let digest = parse_digest(digest, function)?;
     let ba = super::open(config)?;
     let bar = ui.bar(digest.size_bytes(), &digest.hash()[..12]);
     let started = std::time::Instant::now();
@@ -136,7 +137,11 @@ fn put_report(ba: &dyn BlobAccess, sent_bytes: u64, elapsed: std::time::Duration
     );
 }
 
-pub async fn find_missing(config: &Path, digests: &[String]) -> Result<ExitCode, String> {
+pub async fn find_missing(
+    config: &Path,
+    digests: &[String],
+    function: DigestFunction,
+) -> Result<ExitCode, String> {
     let from_stdin;
     let digests = if digests.is_empty() || digests == ["-"] {
         // More digests than a command line holds (100,000 are 7 MB).
@@ -146,12 +151,12 @@ pub async fn find_missing(config: &Path, digests: &[String]) -> Result<ExitCode,
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
-            .map(parse_digest)
+            .map(|d| parse_digest(d, function))
             .collect::<Result<Vec<_>, _>>()?
     } else {
         digests
             .iter()
-            .map(|d| parse_digest(d))
+            .map(|d| parse_digest(d, function))
             .collect::<Result<Vec<_>, _>>()?
     };
     let ba = super::open(config)?;

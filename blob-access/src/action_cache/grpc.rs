@@ -62,6 +62,7 @@ impl GrpcActionCache {
         self.conn.request(GetActionResultRequest {
             instance_name: self.conn.instance_name_for(action),
             action_digest: Some(action.to_proto()),
+            digest_function: action.function().to_proto(),
             // Inlined outputs would skip the CAS, where the caller verifies them.
             inline_stdout: false,
             inline_stderr: false,
@@ -79,6 +80,7 @@ impl GrpcActionCache {
             instance_name: self.conn.instance_name_for(action),
             action_digest: Some(action.to_proto()),
             action_result: Some(result.clone()),
+            digest_function: action.function().to_proto(),
             ..Default::default()
         })
     }
