@@ -250,3 +250,77 @@ fn bad_functions_and_hashes_are_clear_errors() {
     assert!(err.contains("a sha512 hash has 128"), "{err}");
     assert!(!out.exists());
 }
+
+/// A tree whose every digest is BLAKE3 (files, a subdirectory, the root),
+/// fetched with `fetch-tree --digest-function blake3`; read as SHA-256 the
+/// same root is a digest nobody stored.
+#[test]
+fn fetch_tree_walks_a_blake3_tree() {
+    use blob_access::proto::{Directory, DirectoryNode, FileNode};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.yaml");
+    let store = dir.path().join("store");
+    std::fs::write(
+        &disk,
+        format!(
+            "disk: {{path: {}, max_size_bytes: 1GiB}}\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let big = random_file(dir.path(), 2 << 20);
+    let small = dir.path().join("small");
+    std::fs::write(&small, b"small").unwrap();
+    let proto = |digest: &str| {
+        let d = blob_access::Digest::parse_with(DigestFunction::Blake3, digest).unwrap();
+        Some(d.to_proto())
+    };
+    let file = |name: &str, path: &Path| FileNode {
+        name: name.into(),
+        digest: proto(&put(&disk, "blake3", path)),
+        is_executable: false,
+        ..Default::default()
+    };
+    let sub = Directory {
+        files: vec![file("small", &small)],
+        ..Default::default()
+    };
+    let sub_path = dir.path().join("sub.dir");
+    std::fs::write(&sub_path, sub.encode_to_vec()).unwrap();
+    let root = Directory {
+        files: vec![file("big", &big)],
+        directories: vec![DirectoryNode {
+            name: "sub".into(),
+            digest: proto(&put(&disk, "blake3", &sub_path)),
+        }],
+        ..Default::default()
+    };
+    let root_path = dir.path().join("root.dir");
+    std::fs::write(&root_path, root.encode_to_vec()).unwrap();
+    let root_digest = put(&disk, "blake3", &root_path);
+    let out = dir.path().join("out");
+    let fetch = |function: &str| {
+        let args: [&OsStr; 7] = [
+            "fetch-tree".as_ref(),
+            "--config".as_ref(),
+            disk.as_os_str(),
+            "--digest-function".as_ref(),
+            function.as_ref(),
+            root_digest.as_ref(),
+            out.as_os_str(),
+        ];
+        cli(&args)
+    };
+    let got = fetch("blake3");
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(files_equal(&big, &out.join("big")));
+    assert!(files_equal(&small, &out.join("sub/small")));
+    let got = fetch("sha256");
+    let err = String::from_utf8_lossy(&got.stderr);
+    assert!(!got.status.success() && err.contains(&root_digest), "{err}");
+}
