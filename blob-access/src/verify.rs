@@ -92,8 +92,9 @@ impl Stream for Verifier {
                     if let Some(h) = this.hasher.take() {
                         let got = h.finish_hex();
                         if got != this.digest.hash() {
+                            let function = this.digest.function();
                             return this.fail(format!(
-                                "content hashes to {got}, not to the requested hash"
+                                "content hashes to {got} under {function}, not to the requested hash"
                             ));
                         }
                     }
@@ -122,8 +123,9 @@ impl Stream for Verifier {
                         // Only reached for an empty blob: no chunk was ever seen.
                         let got = h.finish_hex();
                         if got != this.digest.hash() {
+                            let function = this.digest.function();
                             return this.fail(format!(
-                                "content hashes to {got}, not to the requested hash"
+                                "content hashes to {got} under {function}, not to the requested hash"
                             ));
                         }
                     }

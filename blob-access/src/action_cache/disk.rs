@@ -159,9 +159,14 @@ impl Inner {
 
 /// The digest naming `action`'s file and index entry (see the module documentation).
 fn key(action: &Digest) -> Digest {
+    let function = action.function();
     match action.instance_name() {
         "" => action.clone(),
-        instance => Digest::of(format!("{instance}\0{action}").as_bytes()),
+        // SHA-256 keys as before the other functions came.
+        instance if function == crate::DigestFunction::Sha256 => {
+            Digest::of(format!("{instance}\0{action}").as_bytes())
+        }
+        instance => Digest::of(format!("{instance}\0{function}\0{action}").as_bytes()),
     }
 }
 
