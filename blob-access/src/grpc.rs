@@ -365,6 +365,7 @@ impl BlobAccess for GrpcBlobAccess {
         } else {
             let c = counters.clone();
             futures::stream::once(async move {
+                conn.check_digest_function(d.function()).await?;
                 let limit = conn.batch_limit().await.unwrap_or(0);
                 let size = d.size_bytes();
                 Ok::<_, Error>(if range.is_full() && size <= limit {
@@ -403,6 +404,8 @@ impl BlobAccess for GrpcBlobAccess {
                 c?;
             }
             Ok(())
+        } else if let Err(e) = self.conn.check_digest_function(digest.function()).await {
+            Err(e)
         } else {
             let limit = self.conn.batch_limit().await.unwrap_or(0);
             if digest.size_bytes() <= limit {
@@ -435,6 +438,9 @@ impl BlobAccess for GrpcBlobAccess {
         }
         let mut missing = Vec::new();
         for ((instance, function), wanted) in &groups {
+            let first = wanted[0];
+            let refused = self.conn.check_digest_function(*function).await;
+            refused.map_err(|e| e.with_digest(first))?;
             self.find_missing_of(instance, *function, wanted, &mut missing)
                 .await?;
         }

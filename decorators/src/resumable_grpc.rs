@@ -239,6 +239,9 @@ impl ResumableGrpcBlobAccess {
             return self.plain.put(digest, data).await;
         }
         let conn = self.plain.connection();
+        conn.check_digest_function(digest.function())
+            .await
+            .map_err(|e| e.with_digest(digest))?;
         if digest.size_bytes() <= conn.batch_limit().await.unwrap_or(0) {
             return self.plain.put(digest, data).await;
         }
@@ -271,6 +274,9 @@ impl BlobAccess for ResumableGrpcBlobAccess {
         // A small whole blob goes in a batch with others, retried as a whole.
         let (plain, digest) = (self.plain.clone(), digest.clone());
         futures::stream::once(async move {
+            if let Err(e) = conn.check_digest_function(digest.function()).await {
+                return blob_access::util::failed(e.with_digest(&digest));
+            }
             let limit = conn.batch_limit().await.unwrap_or(0);
             if !(range.is_full() && digest.size_bytes() <= limit) {
                 return resuming;

@@ -30,6 +30,8 @@ pub struct Capabilities {
     pub zstd: bool,
     /// Whether the server's action cache takes UpdateActionResult calls.
     pub action_cache_update_enabled: bool,
+    /// The digest functions it lists (REAPI values); empty if it said none.
+    pub digest_functions: Vec<i32>,
 }
 
 /// A shared, lazily connected channel with the node's instance name and headers.
@@ -304,6 +306,7 @@ impl GrpcConnection {
                     action_cache_update_enabled: cache
                         .action_cache_update_capabilities
                         .is_some_and(|c| c.update_enabled),
+                    digest_functions: cache.digest_functions,
                 })
             }
             Err(s) if s.code() == Code::Unimplemented => {
@@ -313,10 +316,39 @@ impl GrpcConnection {
                     zstd: false,
                     // Nothing said otherwise; an update will tell.
                     action_cache_update_enabled: true,
+                    digest_functions: Vec::new(),
                 })
             }
             Err(s) => Err(Error::from(s).with_backend(self.inner.name.clone())),
         }
+    }
+
+    /// INVALID_ARGUMENT naming `function` when the server lists the digest
+    /// functions it serves and that one is not among them: a clear answer
+    /// where a server that ignores the function would say "data does not
+    /// match hash". SHA-256, which every server takes, is not asked about;
+    /// a server that cannot be asked is left to answer the call itself.
+    pub async fn check_digest_function(&self, function: crate::DigestFunction) -> Result<()> {
+        if function == crate::DigestFunction::Sha256 {
+            return Ok(());
+        }
+        let Ok(caps) = self.capabilities().await else {
+            return Ok(());
+        };
+        let listed = &caps.digest_functions;
+        if listed.is_empty() || listed.contains(&function.to_proto()) {
+            return Ok(());
+        }
+        let names: Vec<&str> = listed
+            .iter()
+            .filter_map(|v| crate::proto::digest_function::Value::try_from(*v).ok())
+            .map(|v| v.as_str_name())
+            .collect();
+        Err(Error::invalid_argument(format!(
+            "the server does not serve digest function {function} (its capabilities list {})",
+            names.join(", ")
+        ))
+        .with_backend(self.inner.name.clone()))
     }
 
     /// Whether the server answered a batch call UNIMPLEMENTED.
