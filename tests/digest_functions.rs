@@ -8,10 +8,21 @@ mod support;
 use blob_access::DigestFunction;
 use blob_access_chaos::{Faults, Kill, Proxy};
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use support::{cli, cli_ok, files_equal, grpc_config, random_file, Serve};
+
+/// A config file of one `disk` node storing in `dir/store`: (config, store).
+fn disk_config(dir: &Path, store: &str) -> (PathBuf, PathBuf) {
+    let (config, store) = (dir.join(format!("{store}.yaml")), dir.join(store));
+    let yaml = format!(
+        "disk: {{path: {}, max_size_bytes: 1GiB}}\n",
+        store.display()
+    );
+    std::fs::write(&config, yaml).unwrap();
+    (config, store)
+}
 
 fn put(config: &Path, function: &str, file: &Path) -> String {
     let args: [&OsStr; 6] = [
@@ -108,13 +119,7 @@ fn every_function_round_trips_through_serve_and_hashes_as_the_reference_tools() 
 #[test]
 fn one_blob_under_two_functions_is_two_blobs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let disk = dir.path().join("disk.yaml");
-    let yaml = format!(
-        "disk: {{path: {}, max_size_bytes: 1GiB}}\n",
-        store.display()
-    );
-    std::fs::write(&disk, yaml).unwrap();
+    let (disk, store) = disk_config(dir.path(), "store");
     let file = random_file(dir.path(), 100_000);
     let sha256 = put(&disk, "sha256", &file);
     // The BLAKE3 digest of the same bytes is not stored until put under it.
@@ -154,13 +159,7 @@ fn blake3_resumes_through_cuts_with_zstd_into_a_mixed_tree() {
     let dir = tempfile::tempdir().unwrap();
     // serve keeps blobs on disk; the client reads through a proxy cutting
     // every connection, with zstd, into a read_caching tree with a disk tier.
-    let store = dir.path().join("serve-store");
-    let serve_config = dir.path().join("serve.yaml");
-    let yaml = format!(
-        "disk: {{path: {}, max_size_bytes: 1GiB}}\n",
-        store.display()
-    );
-    std::fs::write(&serve_config, yaml).unwrap();
+    let (serve_config, store) = disk_config(dir.path(), "serve-store");
     let serve = Serve::start(Some(&serve_config));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cuts = Faults {
@@ -259,16 +258,7 @@ fn fetch_tree_walks_a_blake3_tree() {
     use blob_access::proto::{Directory, DirectoryNode, FileNode};
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.yaml");
-    let store = dir.path().join("store");
-    std::fs::write(
-        &disk,
-        format!(
-            "disk: {{path: {}, max_size_bytes: 1GiB}}\n",
-            store.display()
-        ),
-    )
-    .unwrap();
+    let (disk, _) = disk_config(dir.path(), "store");
     let big = random_file(dir.path(), 2 << 20);
     let small = dir.path().join("small");
     std::fs::write(&small, b"small").unwrap();
