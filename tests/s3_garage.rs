@@ -281,6 +281,14 @@ async fn bad_credentials_buckets_and_objects_are_clear_errors() {
     let e = read(&n, &d, ReadRange::FULL).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e}");
     assert!(e.to_string().contains("holds 1048576 bytes"), "{e}");
+    // An empty object: the store refuses any range of it (416), also DATA_LOSS.
+    put_object(&g, &cas_key(&d), b"");
+    let e = read(&n, &d, ReadRange::FULL).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
+    let e = read(&n, &d, ReadRange::new(MIB as u64, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
     // A put replaces an object of the wrong size; one of the right size
     // but other bytes (HEAD cannot tell) is refused on every read.
     n.put(&d, util::once(data.clone())).await.unwrap();

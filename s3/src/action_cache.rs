@@ -22,7 +22,7 @@ impl S3ActionCache {
     pub fn new(name: &str, config: &S3Config) -> Result<Self> {
         let name = if name.is_empty() { "s3" } else { name };
         Ok(S3ActionCache {
-            store: config.client(name, crate::LIBRARY_RETRIES)?,
+            store: config.client(name, crate::ClientUse::Requests)?,
             name: name.into(),
             keys: Keys::new(&config.prefix),
             counters: Counters::new(&["gets", "hits", "updates"]),

@@ -93,9 +93,24 @@ fn default_stall_timeout() -> Duration {
     Duration(RetryPolicy::default().stall_timeout)
 }
 
+/// What a client is for: it decides who retries and what times out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientUse {
+    /// GETs, resumed by [`crate::read`] on its own terms: no retries here.
+    Reads,
+    /// Parts of multipart uploads, retried alone by [`crate::write`].
+    Parts,
+    /// Everything else (HEAD, PUT, create, complete, abort, listing): the
+    /// client repeats a failed request itself, with its own backoff.
+    Requests,
+}
+
+/// How often the client repeats a failed request of [`ClientUse::Requests`].
+const LIBRARY_RETRIES: usize = 5;
+
 /// S3's limits on the size of one part of a multipart upload.
 const MIN_PART: u64 = 5 << 20;
-const MAX_PART: u64 = 5 << 30;
+pub(crate) const MAX_PART: u64 = 5 << 30;
 
 impl S3Config {
     /// A config for `bucket` with every other field at its default.
@@ -175,20 +190,25 @@ impl S3Config {
         Ok(())
     }
 
-    /// A client of the bucket. `library_retries`: how often the client
-    /// itself repeats a failed request (with its own backoff); 0 where the
-    /// caller resumes on its own terms (reads).
-    pub(crate) fn client(&self, node: &str, library_retries: usize) -> Result<Arc<AmazonS3>> {
+    /// A client of the bucket for `use_`.
+    pub(crate) fn client(&self, node: &str, use_: ClientUse) -> Result<Arc<AmazonS3>> {
         self.check(node)?;
+        // No whole-request timeout: a large GET or part may take minutes.
+        // A read stalls when no byte comes for `stall_timeout`; reqwest's
+        // read timeout would also count the time spent sending a body, so
+        // only reads have it. Set first: `with_allow_http` below changes these.
+        let mut options = ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(std::time::Duration::from_secs(10));
+        if use_ == ClientUse::Reads {
+            options = options.with_read_timeout(self.stall_timeout.get());
+        }
+        let library_retries = match use_ {
+            ClientUse::Reads | ClientUse::Parts => 0,
+            ClientUse::Requests => LIBRARY_RETRIES,
+        };
         // The chain first (environment, web identity, metadata), then the
         // config's own values over it.
-        // No whole-request timeout: a large GET or part may take minutes;
-        // stalls are caught by `stall_timeout` (reads) and the read timeout.
-        // Set first: `with_allow_http` below changes these options.
-        let options = ClientOptions::new()
-            .with_timeout_disabled()
-            .with_connect_timeout(std::time::Duration::from_secs(10))
-            .with_read_timeout(self.stall_timeout.get());
         let mut b = AmazonS3Builder::from_env()
             .with_client_options(options)
             .with_bucket_name(&self.bucket)

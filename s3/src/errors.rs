@@ -13,6 +13,7 @@ pub(crate) fn from_store(e: &object_store::Error, node: &str) -> Error {
         (E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. }, _) => {
             Code::InvalidArgument
         }
+        _ if request_timeout(e) => Code::Unavailable,
         (_, Some(s)) if (400..500).contains(&s) && !matches!(s, 408 | 429) => Code::InvalidArgument,
         // Connections refused or reset, 5xx, throttling (503 SlowDown, 429).
         _ => Code::Unavailable,
@@ -25,12 +26,17 @@ pub(crate) fn from_store(e: &object_store::Error, node: &str) -> Error {
 pub(crate) fn transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
     matches!(e, E::Generic { .. } | E::JoinError { .. })
-        && http_status(e).is_none_or(|s| s >= 500 || s == 408 || s == 429)
+        && (http_status(e).is_none_or(|s| s >= 500 || s == 408 || s == 429) || request_timeout(e))
+}
+
+/// S3's 400 RequestTimeout: a body sent too slowly, worth sending again.
+fn request_timeout(e: &object_store::Error) -> bool {
+    e.to_string().contains("<Code>RequestTimeout</Code>")
 }
 
 /// The HTTP status of a failed request. object_store keeps it in an error
 /// type it does not export, so it is read from the message it prints.
-fn http_status(e: &object_store::Error) -> Option<u16> {
+pub(crate) fn http_status(e: &object_store::Error) -> Option<u16> {
     let text = e.to_string();
     let at = text.find("status code: ")? + "status code: ".len();
     text.get(at..at + 3)?.parse().ok()

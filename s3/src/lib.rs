@@ -32,6 +32,7 @@ mod startup;
 pub mod write;
 
 pub use action_cache::S3ActionCache;
+use config::ClientUse;
 pub use config::S3Config;
 
 use blob_access::node::Counters;
@@ -61,17 +62,13 @@ const COUNTERS: &[&str] = &[
 /// The CAS in a bucket (see the crate documentation).
 pub struct S3BlobAccess {
     name: Arc<str>,
-    /// Reads and parts are retried here, on their own terms: this client does not retry.
     reads: Arc<AmazonS3>,
-    /// Everything else: the client retries failed requests itself.
+    parts: Arc<AmazonS3>,
     writes: Arc<AmazonS3>,
     keys: keys::Keys,
     config: S3Config,
     counters: Arc<Counters>,
 }
-
-/// How often the client repeats a failed request other than a read.
-const LIBRARY_RETRIES: usize = 5;
 
 impl S3BlobAccess {
     /// A node named `name` (in errors and metrics); nothing is sent yet.
@@ -82,8 +79,9 @@ impl S3BlobAccess {
             name.into()
         };
         Ok(S3BlobAccess {
-            reads: config.client(&name, 0)?,
-            writes: config.client(&name, LIBRARY_RETRIES)?,
+            reads: config.client(&name, ClientUse::Reads)?,
+            parts: config.client(&name, ClientUse::Parts)?,
+            writes: config.client(&name, ClientUse::Requests)?,
             keys: keys::Keys::new(&config.prefix),
             config: config.clone(),
             counters: Arc::new(Counters::new(COUNTERS)),
@@ -139,7 +137,7 @@ impl BlobAccess for S3BlobAccess {
         }
         write::Upload {
             store: &self.writes,
-            parts_store: &self.reads,
+            parts_store: &self.parts,
             key: &self.keys.cas(digest),
             node: &self.name,
             digest,

@@ -5,7 +5,7 @@
 //! any byte delivered resets it, attempts without progress are bounded,
 //! stalls and an optional deadline end an attempt.
 
-use crate::errors::{from_store, transient};
+use crate::errors::{from_store, http_status, transient};
 use blob_access::node::Counters;
 use blob_access::{Code, Digest, Error, Result};
 use blob_access_decorators::resumable_grpc::RetryPolicy;
@@ -177,6 +177,17 @@ impl State {
                     "the object changed (ETag no longer {}) after {} bytes were delivered",
                     self.etag.as_deref().unwrap_or("?"),
                     self.read.next
+                ),
+            ));
+        }
+        if http_status(&e) == Some(416) {
+            // The range starts past the stored object's end.
+            return Err(self.error(
+                Code::DataLoss,
+                format!(
+                    "the stored object ends before byte {} of the blob's {}",
+                    self.read.next,
+                    self.read.digest.size_bytes()
                 ),
             ));
         }

@@ -4,6 +4,7 @@
 use crate::config::S3Config;
 use crate::keys::Keys;
 use blob_access::{Code, Error, Result};
+use futures::StreamExt;
 use object_store::ObjectStore;
 use std::time::Duration;
 
@@ -31,9 +32,12 @@ pub(crate) fn check_bucket(config: &S3Config, node: &str) -> Result<()> {
 }
 
 async fn check(config: &S3Config, node: &str) -> Result<()> {
-    let store = config.client(node, 1)?;
+    let store = config.client(node, crate::ClientUse::Requests)?;
     let root = Keys::new(&config.prefix).root();
-    let listed = tokio::time::timeout(CHECK_TIMEOUT, store.list_with_delimiter(Some(&root))).await;
+    // One page of the prefix is enough to learn that the bucket exists and
+    // the key may list it (s3:ListBucket).
+    let first = async { store.list(Some(&root)).next().await.transpose() };
+    let listed = tokio::time::timeout(CHECK_TIMEOUT, first).await;
     let where_ = format!(
         "bucket {:?} at {}",
         config.bucket,

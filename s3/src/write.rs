@@ -5,18 +5,19 @@
 //! or cut upload is aborted, also when the caller drops it half-way, so no
 //! partial object is ever visible and none is left behind.
 
+use crate::config::MAX_PART;
 use crate::errors::{from_store, transient};
 use blob_access::node::Counters;
 use blob_access::{BlobStream, Code, Digest, Error, Result};
 use blob_access_decorators::resumable_grpc::RetryPolicy;
 use bytes::Bytes;
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{MultipartId, ObjectStoreExt, PutPayload};
 use std::sync::{Arc, Mutex};
+use tokio::task::{JoinError, JoinSet};
 
 pub(crate) struct Upload<'a> {
     /// Retries failed requests itself (single PUTs, create, complete, abort).
@@ -48,6 +49,16 @@ impl Upload<'_> {
             self.counters.add("bytes_written", self.digest.size_bytes());
             return Ok(());
         }
+        // S3 takes at most 10,000 parts: a larger blob gets larger parts.
+        let size = self.digest.size_bytes();
+        let part_size = self.part_size.max(size.div_ceil(MAX_PARTS));
+        if part_size > MAX_PART {
+            return Err(Error::invalid_argument(format!(
+                "a blob of {size} bytes is larger than S3's {MAX_PARTS} parts of 5GiB"
+            ))
+            .with_backend(self.node)
+            .with_digest(self.digest));
+        }
         let id = self
             .store
             .create_multipart(self.key)
@@ -60,7 +71,7 @@ impl Upload<'_> {
             id: Some(id.clone()),
             counters: self.counters.clone(),
         };
-        let parts = match self.parts(&id, data).await {
+        let parts = match self.parts(&id, part_size, data).await {
             Ok(parts) => parts,
             Err(e) => {
                 guard.abort().await;
@@ -83,14 +94,21 @@ impl Upload<'_> {
 
     /// Sends the parts, a few at a time; returns their ids in order once all
     /// of them are stored.
-    async fn parts(&self, id: &MultipartId, mut data: BlobStream) -> Result<Vec<PartId>> {
+    async fn parts(
+        &self,
+        id: &MultipartId,
+        part_size: u64,
+        mut data: BlobStream,
+    ) -> Result<Vec<PartId>> {
         let budget = Arc::new(Mutex::new(PartBudget {
             policy: self.policy.clone(),
             limit: self.policy.max_attempts_without_progress * self.parts_in_flight as u32,
             in_a_row: 0,
             started: tokio::time::Instant::now(),
         }));
-        let mut in_flight = FuturesUnordered::new();
+        // Each part in a task of its own, so that parts go on while the
+        // caller's next bytes are awaited; dropping the set stops them.
+        let mut in_flight: JoinSet<Result<(usize, PartId)>> = JoinSet::new();
         let mut done: Vec<(usize, PartId)> = Vec::new();
         let mut part: Vec<Bytes> = Vec::new();
         let mut part_len = 0u64;
@@ -101,15 +119,19 @@ impl Upload<'_> {
         };
         while let Some(chunk) = data.next().await {
             let mut chunk = chunk?;
+            // A part that failed ends the upload now, not after all the bytes.
+            while let Some(joined) = in_flight.try_join_next() {
+                done.push(part_result(joined)?);
+            }
             // Parts of exactly `part_size`: the usual layout for stores and tools.
-            while part_len + chunk.len() as u64 >= self.part_size {
-                let take = (self.part_size - part_len) as usize;
+            while part_len + chunk.len() as u64 >= part_size {
+                let take = (part_size - part_len) as usize;
                 part.push(chunk.split_to(take));
                 while in_flight.len() >= self.parts_in_flight {
-                    let next: Option<Result<(usize, PartId)>> = in_flight.next().await;
-                    done.push(next.expect("not empty")?);
+                    let joined = in_flight.join_next().await.expect("not empty");
+                    done.push(part_result(joined)?);
                 }
-                in_flight.push(send(std::mem::take(&mut part), sent));
+                in_flight.spawn(send(std::mem::take(&mut part), sent));
                 sent += 1;
                 part_len = 0;
             }
@@ -119,10 +141,10 @@ impl Upload<'_> {
             }
         }
         if part_len > 0 {
-            in_flight.push(send(part, sent));
+            in_flight.spawn(send(part, sent));
         }
-        while let Some(next) = in_flight.next().await {
-            done.push(next?);
+        while let Some(joined) = in_flight.join_next().await {
+            done.push(part_result(joined)?);
         }
         done.sort_by_key(|(idx, _)| *idx);
         Ok(done.into_iter().map(|(_, p)| p).collect())
@@ -177,6 +199,14 @@ impl Upload<'_> {
     fn error(&self, e: &object_store::Error) -> Error {
         from_store(e, self.node).with_digest(self.digest)
     }
+}
+
+/// S3's most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// The outcome of a part's task.
+fn part_result<T>(joined: std::result::Result<Result<T>, JoinError>) -> Result<T> {
+    joined.map_err(|e| Error::internal(format!("a part's task ended: {e}")))?
 }
 
 /// The retry budget of one upload's parts: a stored part is progress; the

@@ -59,7 +59,7 @@ fn check_digests(result: &ActionResult, function: DigestFunction) -> Result<(), 
     };
     // Inlined bytes are served as they are: they must be what their digest says.
     let inlined = |field: String, data: &[u8], d: &blob_access::proto::Digest| {
-        let digest = Digest::of(data);
+        let digest = Digest::of_with(function, data);
         if !data.is_empty()
             && (digest.hash() != d.hash || digest.size_bytes() as i64 != d.size_bytes)
         {

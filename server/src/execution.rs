@@ -63,11 +63,13 @@ impl execution_server::Execution for ExecutionService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<OperationStream>, Status> {
         let tree = tree(&self.0)?;
-        let (_, extensions, req) = request.into_parts();
+        let (_, extensions, mut req) = request.into_parts();
         self.0
             .check_instance(&req.instance_name, &extensions, Permission::Write)?;
         let first = req.action_digest.as_ref().map(|d| d.hash.as_str());
         let function = digest_function(req.digest_function, first)?;
+        // Named for the remote, which need not guess it again.
+        req.digest_function = function.to_proto();
         parse_digest(function, req.action_digest.as_ref())
             .map_err(|s| Status::invalid_argument(format!("action_digest: {}", s.message())))?;
         Ok(Response::new(self.streamed(tree.execute(req))))

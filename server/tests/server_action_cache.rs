@@ -310,3 +310,37 @@ async fn an_update_that_does_not_parse_is_refused_and_the_server_goes_on() {
     let got = client.get_action_result(get(Some(action))).await.unwrap();
     assert_eq!(got.into_inner(), result);
 }
+
+/// A result under another digest function: its inlined bytes are checked
+/// under that function, and it is kept apart from the SHA-256 action's.
+#[tokio::test]
+async fn inlined_bytes_are_checked_under_the_actions_digest_function() {
+    use blob_access::DigestFunction;
+    let server = start_with_ac(ServerConfig::default()).await;
+    let mut client = ac(&server).await;
+    for function in [DigestFunction::Sha1, DigestFunction::Blake3] {
+        let action = Digest::of_with(function, b"Action").to_proto();
+        let stdout = b"compiled".to_vec();
+        let mut result = result_with_output(Digest::of_with(function, b"a.o").hash(), 3);
+        result.stdout_digest = Some(Digest::of_with(function, &stdout).to_proto());
+        let mut req = update(Some(action.clone()), Some(result.clone()));
+        req.digest_function = function.to_proto();
+        let echoed = client.update_action_result(req).await.unwrap().into_inner();
+        assert_eq!(echoed, result, "{function}");
+        let mut get_req = get(Some(action.clone()));
+        get_req.digest_function = function.to_proto();
+        let got = client
+            .get_action_result(get_req)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.stdout_raw, stdout, "{function}");
+        // Inlined bytes that are not what the digest says, under this function.
+        let mut bad = result.clone();
+        bad.stdout_digest = Some(Digest::of(&stdout).to_proto());
+        let mut req = update(Some(action), Some(bad));
+        req.digest_function = function.to_proto();
+        let e = client.update_action_result(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{function}: {e:?}");
+    }
+}
