@@ -19,16 +19,6 @@ use std::path::Path;
 use std::time::Duration;
 use support::*;
 
-fn put(config: &Path, file: &Path) -> std::process::Output {
-    cli(&[
-        "put".as_ref(),
-        "-v".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-        file.as_os_str(),
-    ])
-}
-
 /// A successful `put`, then a `get` straight from BuildGrid of the same bytes.
 fn assert_stored(out: &std::process::Output, bg: &BuildGrid, dir: &Path, file: &Path) -> u64 {
     let log = String::from_utf8_lossy(&out.stderr);
@@ -62,7 +52,7 @@ fn uploads_through_a_proxy_killing_connections_start_again_and_arrive() {
     // The control: the plain node fails on the cut, naming the blob.
     proxy.set(Some(cut.times(1)));
     let plain = grpc_config(dir.path(), "plain.yaml", port);
-    let out = put(&plain, &file);
+    let out = put_verbose(&plain, &file);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "plain put survived a cut");
     let digest = rt
@@ -74,7 +64,7 @@ fn uploads_through_a_proxy_killing_connections_start_again_and_arrive() {
     proxy.set(Some(cut.times(3)));
     let before = proxy.kills.load(std::sync::atomic::Ordering::Relaxed);
     let resumable = resumable_config(dir.path(), "resumable.yaml", port);
-    let out = put(&resumable, &file);
+    let out = put_verbose(&resumable, &file);
     let restarts = assert_stored(&out, &bg, dir.path(), &file);
     let kills = proxy.kills.load(std::sync::atomic::Ordering::Relaxed) - before;
     eprintln!("through the proxy: {kills} connections killed, {restarts} restarts");
@@ -109,8 +99,9 @@ fn uploads_through_reloads(start: fn(u16) -> support::Proxy, extra: u64) {
     let dir = tempfile::tempdir().unwrap();
     let file = random_file(dir.path(), upload_size() + extra);
     let resumable = resumable_config(dir.path(), "resumable.yaml", proxy.port);
-    let (out, reloads) =
-        proxy.with_n_reloads(3, Duration::from_millis(300), || put(&resumable, &file));
+    let (out, reloads) = proxy.with_n_reloads(3, Duration::from_millis(300), || {
+        put_verbose(&resumable, &file)
+    });
     let restarts = assert_stored(&out, &bg, dir.path(), &file);
     eprintln!("through the reloading proxy: {reloads} reloads, {restarts} restarts");
 }

@@ -22,13 +22,7 @@ fn put_through_cuts(dir: &Path, port: u16, file: &Path) {
         .block_on(Proxy::start(([127, 0, 0, 1], port).into(), Some(cuts)))
         .unwrap();
     let config = resumable_config(dir, "through-cuts.yaml", proxy.addr.port());
-    let out = cli(&[
-        "put".as_ref(),
-        "-v".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-        file.as_os_str(),
-    ]);
+    let out = put_verbose(&config, file);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "put failed: {log}");
     let kills = proxy.kills.load(std::sync::atomic::Ordering::Relaxed);
@@ -47,10 +41,7 @@ fn put_through_cuts(dir: &Path, port: u16, file: &Path) {
         "{resent} bytes sent again: {log}"
     );
     let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let got = dir.join("got");
-    get_cli(&grpc_config(dir, "direct.yaml", port), &digest, &got);
-    assert!(files_equal(file, &got));
-    std::fs::remove_file(&got).unwrap();
+    assert_serve_holds(dir, port, &digest, file);
 }
 
 #[test]
@@ -92,19 +83,13 @@ fn uploads_through_cuts_resume_into_a_forwarding_serve() {
     let forwarding = resumable_config(dir.path(), "forward.yaml", upstream.port);
     let front = Serve::start(Some(&forwarding));
     put_through_cuts(dir.path(), front.port, &file);
-    let got = dir.path().join("from-upstream");
     let digest = {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(blob_access::util::digest_file(&file))
             .unwrap()
             .to_string()
     };
-    get_cli(
-        &grpc_config(dir.path(), "up.yaml", upstream.port),
-        &digest,
-        &got,
-    );
-    assert!(files_equal(&file, &got));
+    assert_serve_holds(dir.path(), upstream.port, &digest, &file);
 }
 
 /// The same upload through HAProxy reloading every 200 ms between the
@@ -119,15 +104,7 @@ fn uploads_through_haproxy_reloads_resume_into_serve() {
     let serve = Serve::start(None);
     let proxy = HaProxy::start(serve.port);
     let config = resumable_config(dir.path(), "through-haproxy.yaml", proxy.port);
-    let (out, reloads) = proxy.with_reloads(|| {
-        cli(&[
-            "put".as_ref(),
-            "-v".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            file.as_os_str(),
-        ])
-    });
+    let (out, reloads) = proxy.with_reloads(|| put_verbose(&config, &file));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "put failed: {log}");
     assert!(reloads > 0, "HAProxy was never reloaded");
@@ -141,13 +118,7 @@ fn uploads_through_haproxy_reloads_resume_into_serve() {
         logged(&log, "write_retries")
     );
     let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let got = dir.path().join("got");
-    get_cli(
-        &grpc_config(dir.path(), "direct.yaml", serve.port),
-        &digest,
-        &got,
-    );
-    assert!(files_equal(&file, &got));
+    assert_serve_holds(dir.path(), serve.port, &digest, &file);
 }
 
 /// Many clients cut at once, past serve's bound on kept uploads: each
@@ -205,15 +176,7 @@ fn many_uploads_cut_at_once_stay_within_the_bounds() {
         .iter()
         .map(|f| {
             let (config, f) = (config.clone(), f.clone());
-            std::thread::spawn(move || {
-                cli(&[
-                    "put".as_ref(),
-                    "-v".as_ref(),
-                    "--config".as_ref(),
-                    config.as_os_str(),
-                    f.as_os_str(),
-                ])
-            })
+            std::thread::spawn(move || put_verbose(&config, &f))
         })
         .collect();
     for (p, f) in puts.into_iter().zip(&files) {

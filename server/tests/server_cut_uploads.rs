@@ -8,6 +8,7 @@ mod server_support;
 
 use blob_access::bytestream_proto::byte_stream_client::ByteStreamClient;
 use blob_access::bytestream_proto::{QueryWriteStatusRequest, WriteRequest, WriteResponse};
+use blob_access::resource::{Compressor, WriteResource};
 use blob_access::{BlobAccess, Digest};
 use blob_access_server::{ParkingLimits, ServerConfig};
 use server_support::*;
@@ -102,6 +103,11 @@ async fn committed(channel: &Channel, name: &str) -> (i64, bool) {
 
 /// Lets the server take what was sent on an attached stream. Asking
 /// QueryWriteStatus instead would stop the stream where it stands.
+/// A fresh upload's resource name for `digest` (identity, default instance).
+fn upload_name(digest: &Digest) -> String {
+    WriteResource::new("", Compressor::Identity, digest.clone()).to_string()
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
@@ -136,17 +142,12 @@ async fn cut_uploads_resume_at_every_cut_point() {
                 blob.clone()
             };
             let cut = cut.min(wire.len() - 1);
-            let kind = if zstd {
-                "compressed-blobs/zstd"
+            let compressor = if zstd {
+                Compressor::Zstd
             } else {
-                "blobs"
+                Compressor::Identity
             };
-            let name = format!(
-                "uploads/{}/{kind}/{}/{}",
-                uuid::Uuid::new_v4(),
-                digest.hash(),
-                size
-            );
+            let name = WriteResource::new("", compressor, digest.clone()).to_string();
             let mut w = Write::open(&channel, &name);
             w.send(&wire, 0, cut, false).await;
             if i % 2 == 0 {
@@ -199,12 +200,7 @@ async fn a_continuation_takes_over_a_stream_still_attached() {
     let channel = server.channel().await;
     let blob = data(500_000, 7);
     let digest = Digest::of(&blob);
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash(),
-        blob.len()
-    );
+    let name = upload_name(&digest);
     let mut old = Write::open(&channel, &name);
     old.send(&blob, 0, 200_000, false).await;
     settle().await;
@@ -238,12 +234,7 @@ async fn the_window_discards_cut_uploads() {
         let channel = server.channel().await;
         let blob = data(300_000, 9);
         let digest = Digest::of(&blob);
-        let name = format!(
-            "uploads/{}/blobs/{}/{}",
-            uuid::Uuid::new_v4(),
-            digest.hash(),
-            blob.len()
-        );
+        let name = upload_name(&digest);
         let mut w = Write::open(&channel, &name);
         w.send(&blob, 0, 100_000, false).await;
         let _ = w.end().await;
@@ -279,12 +270,7 @@ async fn past_the_bounds_cut_uploads_are_refused_with_resource_exhausted() {
     for i in 0..3 {
         let blob = data(200_000, 20 + i);
         let digest = Digest::of(&blob);
-        let name = format!(
-            "uploads/{}/blobs/{}/{}",
-            uuid::Uuid::new_v4(),
-            digest.hash(),
-            blob.len()
-        );
+        let name = upload_name(&digest);
         let mut w = Write::open(&channel, &name);
         w.send(&blob, 0, 50_000, false).await;
         let _ = w.end().await;
@@ -313,12 +299,7 @@ async fn a_write_at_zero_starts_a_kept_upload_again() {
     let channel = server.channel().await;
     let blob = data(300_000, 31);
     let digest = Digest::of(&blob);
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash(),
-        blob.len()
-    );
+    let name = upload_name(&digest);
     let mut w = Write::open(&channel, &name);
     w.send(&blob, 0, 120_000, false).await;
     let _ = w.end().await;
@@ -344,12 +325,7 @@ async fn query_write_status_stops_a_stream_still_attached_at_its_answer() {
     let channel = server.channel().await;
     let blob = data(400_000, 11);
     let digest = Digest::of(&blob);
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash(),
-        blob.len()
-    );
+    let name = upload_name(&digest);
     let mut old = Write::open(&channel, &name);
     old.send(&blob, 0, 100_000, false).await;
     settle().await;
@@ -380,12 +356,7 @@ async fn an_upload_cut_after_its_last_byte_is_complete() {
     let channel = server.channel().await;
     let blob = data(200_000, 41);
     let digest = Digest::of(&blob);
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash(),
-        blob.len()
-    );
+    let name = upload_name(&digest);
     let mut w = Write::open(&channel, &name);
     w.send(&blob, 0, blob.len(), false).await;
     let _ = w.end().await;

@@ -793,6 +793,30 @@ pub fn put_cli(config: &Path, file: &Path) -> String {
     out.trim().to_string()
 }
 
+/// `put -v --config config file` (its summary, with the node's counters, on stderr).
+pub fn put_verbose(config: &Path, file: &Path) -> Output {
+    cli(&[
+        "put".as_ref(),
+        "-v".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        file.as_os_str(),
+    ])
+}
+
+/// Reads `digest` from the serve on `port` (a `grpc` node, verified) and
+/// checks that it holds the bytes of `file`.
+pub fn assert_serve_holds(dir: &Path, port: u16, digest: &str, file: &Path) {
+    let got = dir.join(format!("from-{port}"));
+    get_cli(
+        &grpc_config(dir, &format!("to-{port}.yaml"), port),
+        digest,
+        &got,
+    );
+    assert!(files_equal(file, &got), "serve on {port} holds other bytes");
+    std::fs::remove_file(&got).unwrap();
+}
+
 /// The arguments of `get --config config digest -o out`.
 pub fn get_args<'a>(config: &'a Path, digest: &'a str, out: &'a Path) -> [&'a OsStr; 6] {
     [
