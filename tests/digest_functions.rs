@@ -36,8 +36,10 @@ fn put(config: &Path, function: &str, file: &Path) -> String {
     cli_ok(&args).trim().to_string()
 }
 
+/// `get -v` (its summary, with the resumptions, on stderr).
 fn get(config: &Path, function: &str, digest: &str, out: &Path) -> std::process::Output {
-    let args: [&OsStr; 8] = [
+    let args: [&OsStr; 9] = [
+        "-v".as_ref(),
         "get".as_ref(),
         "--config".as_ref(),
         config.as_os_str(),
@@ -192,18 +194,7 @@ fn blake3_resumes_through_cuts_with_zstd_into_a_mixed_tree() {
     std::fs::remove_dir_all(&fast).unwrap();
     for (function, digest) in [("blake3", &blake3), ("sha256", &sha256)] {
         let out = dir.path().join(function);
-        let args: [&OsStr; 9] = [
-            "-v".as_ref(),
-            "get".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--digest-function".as_ref(),
-            function.as_ref(),
-            digest.as_ref(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ];
-        let got = cli(&args);
+        let got = get(&config, function, digest, &out);
         let log = String::from_utf8_lossy(&got.stderr);
         assert!(got.status.success(), "{log}");
         assert!(files_equal(&file, &out), "{function}");
